@@ -1,0 +1,39 @@
+# Quick start:  make demo   (whole pipeline on built-in data)
+#               make test   (the test suite)
+# Each target sets up .venv itself on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# PyTorch builds that install from this project's machines (see README).
+ifeq ($(ARCH),aarch64)
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: test demo venv clean benchmarks
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m decouple.demo --out demo_out
+
+benchmarks: venv
+	$(PY) benchmarks/stage_two.py
+	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/stage_one.py
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""The `decouple` command line: a thin click layer over the `decouple` library."""

@@ -1,0 +1,29 @@
+"""Errors for bad input.
+
+Every error a user can cause by what they pass in (a file, a name, a config)
+is a :class:`DecoupleError`: a ``ValueError`` whose message is one line that
+names the file, the field and what was expected. The CLI turns it into that
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class DecoupleError(ValueError):
+    """Bad input: one line naming the file, the field and the expectation."""
+
+
+class UnknownNameError(DecoupleError):
+    """A registry name (loss, sampler, head, ...) that does not exist."""
+
+
+class FeatureFileError(DecoupleError):
+    """A feature file that is missing, unreadable or breaks the v1 contract."""
+
+
+class ConfigError(DecoupleError):
+    """A sweep config or option value that is invalid."""
+
+
+class DataError(DecoupleError):
+    """An image folder, manifest or data set that cannot be used."""

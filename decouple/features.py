@@ -1,0 +1,366 @@
+"""The feature cache: decouple-features v1 HDF5 files (the only code that touches h5py).
+
+Layout (DESIGN.md)::
+
+    attrs on /:  format = "decouple-features", version = 1,
+                 backbone (str), class_names (array of str, length C)
+    /<split>/features   float16 or float32, (N, D)
+    /<split>/labels     integer, (N,), values in [0, C)
+
+Reading validates everything at the boundary and raises
+:class:`~decouple.errors.FeatureFileError` with one line naming the file,
+the field and the expectation. Writing goes to a temporary file beside the
+target that is renamed at the end, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import FeatureFileError
+
+FORMAT = "decouple-features"
+VERSION = 1
+SPLIT_ORDER = ("train", "val", "test")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class Split:
+    """Features (N, D) and integer labels (N,) of one split."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FeatureSet:
+    """A feature file in memory: class names, splits in order, extra attributes."""
+
+    class_names: List[str]
+    splits: Dict[str, Split]
+    backbone: str = "unknown"
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[str] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dim(self) -> int:
+        return int(self.splits["train"].features.shape[1])
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Training images per class (C,)."""
+        return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+
+    @property
+    def eval_splits(self) -> List[str]:
+        """Every split other than train, in file order."""
+        return [name for name in self.splits if name != "train"]
+
+
+def _ordered(names: Iterable[str]) -> List[str]:
+    names = list(names)
+    head = [name for name in SPLIT_ORDER if name in names]
+    return head + sorted(name for name in names if name not in SPLIT_ORDER)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in ("S", "O"):
+        return [_decode(item) for item in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open_for_reading(path: Path):
+    import h5py
+
+    if not path.exists():
+        raise FeatureFileError(f"{path}: no such feature file")
+    if path.is_dir():
+        raise FeatureFileError(f"{path}: is a folder; expected a decouple-features HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = str(exc).split("(")[0].strip().rstrip(",") or "unreadable"
+        raise FeatureFileError(
+            f"{path}: cannot be read as HDF5 ({reason}); expected a decouple-features v1 file"
+        ) from None
+
+
+def _check_finite(path: Path, name: str, features: np.ndarray) -> None:
+    chunk = 65536
+    for start in range(0, len(features), chunk):
+        block = features[start : start + chunk]
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise FeatureFileError(
+                f"{path}: /{name}/features must be finite; row {bad} holds NaN or inf"
+            )
+
+
+def read_features(
+    path: PathLike,
+    *,
+    splits: Optional[Sequence[str]] = None,
+    dtype: Any = np.float32,
+) -> FeatureSet:
+    """Read and validate a feature file; features are cast to ``dtype``.
+
+    ``splits`` limits which splits are loaded (train is always loaded).
+    """
+    path = Path(path)
+    with _open_for_reading(path) as handle:
+        try:
+            attrs = {key: _decode(handle.attrs[key]) for key in handle.attrs}
+        except OSError as exc:
+            raise FeatureFileError(f"{path}: attributes of / cannot be read ({exc})") from None
+        if attrs.get("format") != FORMAT:
+            raise FeatureFileError(
+                f"{path}: attribute format must be {FORMAT!r}; got {attrs.get('format')!r}"
+            )
+        if attrs.get("version") != VERSION:
+            raise FeatureFileError(
+                f"{path}: attribute version must be {VERSION}; got {attrs.get('version')!r}"
+            )
+        class_names = attrs.pop("class_names", None)
+        if class_names is None or isinstance(class_names, str) or len(class_names) == 0:
+            raise FeatureFileError(
+                f"{path}: attribute class_names must be a non-empty array of strings"
+            )
+        class_names = [str(name) for name in class_names]
+        num_classes = len(class_names)
+        backbone = str(attrs.pop("backbone", "unknown"))
+        attrs.pop("format")
+        attrs.pop("version")
+        if "train" not in handle:
+            raise FeatureFileError(f"{path}: no /train group; expected /train/features and /train/labels")
+        wanted = _ordered(handle)
+        if splits is not None:
+            missing = [name for name in splits if name not in handle]
+            if missing:
+                raise FeatureFileError(
+                    f"{path}: no /{missing[0]} split; the file holds {', '.join(_ordered(handle))}"
+                )
+            wanted = _ordered(set(splits) | {"train"})
+        loaded: Dict[str, Split] = {}
+        dim = None
+        for name in wanted:
+            loaded[name] = _read_split(path, handle, name, num_classes)
+            split_dim = loaded[name].features.shape[1]
+            if dim is None:
+                dim = split_dim
+            elif split_dim != dim:
+                raise FeatureFileError(
+                    f"{path}: /{name}/features must have D = {dim} columns like /train; got {split_dim}"
+                )
+            loaded[name].features = loaded[name].features.astype(dtype, copy=False)
+    train_counts = np.bincount(loaded["train"].labels, minlength=num_classes)
+    if (train_counts == 0).any():
+        empty = int(np.flatnonzero(train_counts == 0)[0])
+        raise FeatureFileError(
+            f"{path}: /train/labels must hold every class at least once; "
+            f"class {empty} ({class_names[empty]!r}) has no training sample"
+        )
+    return FeatureSet(class_names=class_names, splits=loaded, backbone=backbone, attrs=attrs, path=str(path))
+
+
+def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
+    import h5py
+
+    group = handle[name]
+    if not isinstance(group, h5py.Group):
+        raise FeatureFileError(f"{path}: /{name} must be a group holding features and labels")
+    for field_name in ("features", "labels"):
+        if field_name not in group:
+            raise FeatureFileError(f"{path}: /{name}/{field_name} is missing")
+    features_ds, labels_ds = group["features"], group["labels"]
+    if features_ds.ndim != 2 or features_ds.shape[1] == 0:
+        raise FeatureFileError(
+            f"{path}: /{name}/features must be 2-D (N, D) with D > 0; got shape {features_ds.shape}"
+        )
+    if features_ds.dtype.kind != "f":
+        raise FeatureFileError(
+            f"{path}: /{name}/features must be float16 or float32; got {features_ds.dtype}"
+        )
+    if labels_ds.ndim != 1:
+        raise FeatureFileError(f"{path}: /{name}/labels must be 1-D (N,); got shape {labels_ds.shape}")
+    if labels_ds.dtype.kind not in ("i", "u"):
+        raise FeatureFileError(f"{path}: /{name}/labels must be integers; got {labels_ds.dtype}")
+    if features_ds.shape[0] != labels_ds.shape[0]:
+        raise FeatureFileError(
+            f"{path}: /{name}/features has {features_ds.shape[0]} rows but /{name}/labels has "
+            f"{labels_ds.shape[0]}; they must be equal"
+        )
+    if features_ds.shape[0] == 0:
+        raise FeatureFileError(f"{path}: /{name} holds no samples; expected N > 0")
+    try:
+        features = features_ds[()]
+        labels = labels_ds[()].astype(np.int64)
+    except OSError as exc:
+        raise FeatureFileError(
+            f"{path}: /{name} cannot be read ({str(exc).split('(')[0].strip()}); the file may be truncated"
+        ) from None
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise FeatureFileError(
+            f"{path}: /{name}/labels must lie in [0, {num_classes}); got min {labels.min()}, max {labels.max()}"
+        )
+    _check_finite(path, name, features)
+    return Split(features=features, labels=labels)
+
+
+def _encode_attr(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+    ):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+class FeatureWriter:
+    """Write a v1 feature file atomically.
+
+    ::
+
+        with FeatureWriter(path, class_names=names, backbone="resnet32_cifar") as writer:
+            writer.write_split("train", features, labels)          # whole arrays, or
+            writer.create_split("test", n=10000, dim=64)           # streamed rows
+            writer.write_rows("test", 0, block_features, block_labels)
+
+    Everything goes to ``<path>.tmp-<pid>``; leaving the block normally
+    renames it to ``path``, an exception removes it.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        class_names: Sequence[str],
+        backbone: str,
+        attrs: Optional[Dict[str, Any]] = None,
+        dtype: Any = np.float16,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.class_names = [str(name) for name in class_names]
+        self.backbone = backbone
+        self.attrs = dict(attrs or {})
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+            raise FeatureFileError(f"{self.path}: features dtype must be float16 or float32; got {self.dtype}")
+        self._handle = None
+
+    def __enter__(self) -> "FeatureWriter":
+        import h5py
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = h5py.File(self.tmp_path, "w")
+        handle = self._handle
+        handle.attrs["format"] = FORMAT
+        handle.attrs["version"] = VERSION
+        handle.attrs["backbone"] = self.backbone
+        handle.attrs.create("class_names", self.class_names, dtype=h5py.string_dtype())
+        for key, value in self.attrs.items():
+            handle.attrs[key] = _encode_attr(value)
+        return self
+
+    def create_split(self, name: str, *, n: int, dim: int) -> None:
+        """Create empty /name/features (n, dim) and /name/labels (n,)."""
+        group = self._handle.create_group(name)
+        group.create_dataset("features", shape=(n, dim), dtype=self.dtype)
+        group.create_dataset("labels", shape=(n,), dtype=np.int64)
+
+    def write_rows(self, name: str, start: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Write rows [start, start + len(labels)) of a split made by create_split."""
+        stop = start + len(labels)
+        self._handle[name]["features"][start:stop] = np.asarray(features, dtype=self.dtype)
+        self._handle[name]["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
+
+    def write_split(self, name: str, features: np.ndarray, labels: np.ndarray) -> None:
+        """Write a whole split at once."""
+        features = np.asarray(features)
+        labels = np.asarray(labels)
+        if features.ndim != 2 or len(features) != len(labels):
+            raise FeatureFileError(
+                f"{self.path}: /{name}: features must be (N, D) with N = len(labels); "
+                f"got {features.shape} and {labels.shape}"
+            )
+        self.create_split(name, n=len(labels), dim=features.shape[1])
+        self.write_rows(name, 0, features, labels)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        handle, self._handle = self._handle, None
+        try:
+            handle.close()
+        except Exception:
+            if exc_type is None:
+                self._discard()
+                raise
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            os.replace(self.tmp_path, self.path)
+        except OSError:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.float32) -> Path:
+    """Write a whole :class:`FeatureSet` atomically; returns the path."""
+    with FeatureWriter(
+        path,
+        class_names=feature_set.class_names,
+        backbone=feature_set.backbone,
+        attrs=feature_set.attrs,
+        dtype=dtype,
+    ) as writer:
+        for name in _ordered(feature_set.splits):
+            split = feature_set.splits[name]
+            writer.write_split(name, split.features, split.labels)
+    return Path(path)
+
+
+def summarize(feature_set: FeatureSet, *, many_threshold: int = 100, few_threshold: int = 20) -> Dict[str, Any]:
+    """What ``decouple info`` prints: per-split N and D, class count, training
+    count statistics and the size of each shot group."""
+    from .metrics import shot_groups
+
+    counts = feature_set.train_counts
+    groups = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    return {
+        "path": feature_set.path,
+        "backbone": feature_set.backbone,
+        "num_classes": feature_set.num_classes,
+        "splits": {
+            name: {"n": len(split), "dim": int(split.features.shape[1])}
+            for name, split in feature_set.splits.items()
+        },
+        "train_counts": {
+            "max": int(counts.max()),
+            "min": int(counts.min()),
+            "imbalance_factor": float(counts.max() / counts.min()),
+        },
+        "groups": {name: int(len(indices)) for name, indices in groups.items()},
+    }

@@ -1,0 +1,120 @@
+"""Evaluation metrics: pure functions, arrays in, numbers out.
+
+Shot groups follow Liu et al., "Large-Scale Long-Tailed Recognition in an
+Open World" (CVPR 2019): many-shot classes have more than 100 training
+images, medium-shot 20 to 100, few-shot fewer than 20. A group with no
+classes scores ``None`` (null in JSON), never 0.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+MANY_THRESHOLD = 100
+FEW_THRESHOLD = 20
+GROUPS = ("many", "medium", "few")
+
+
+def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int = 1) -> float:
+    """Fraction of rows whose true label is among the ``k`` highest scores.
+
+    ``labels`` (N,), ``scores`` (N, C); ``k`` is capped at C.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores)
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    if k == 1:
+        return float(np.mean(scores.argmax(axis=1) == labels))
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float(np.mean((top == labels[:, None]).any(axis=1)))
+
+
+def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy of each class (C,); NaN for a class with no samples."""
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    support = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    correct = np.bincount(labels[predictions == labels], minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, correct / np.maximum(support, 1), np.nan)
+
+
+def mean_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Mean of per-class accuracies over classes present in ``labels``."""
+    accuracy = per_class_accuracy(labels, predictions, num_classes)
+    return float(np.nanmean(accuracy)) if np.any(~np.isnan(accuracy)) else float("nan")
+
+
+def macro_f1_score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean F1 over the classes present in ``labels``."""
+    present = np.unique(labels)
+    return float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
+
+
+def shot_groups(
+    train_counts: np.ndarray,
+    *,
+    many_threshold: int = MANY_THRESHOLD,
+    few_threshold: int = FEW_THRESHOLD,
+) -> Dict[str, np.ndarray]:
+    """Class indices of the many (> many), medium ([few, many]) and few (< few) groups."""
+    counts = np.asarray(train_counts)
+    if few_threshold > many_threshold:
+        raise ValueError(
+            f"few threshold {few_threshold} must not exceed many threshold {many_threshold}"
+        )
+    return {
+        "many": np.flatnonzero(counts > many_threshold),
+        "medium": np.flatnonzero((counts >= few_threshold) & (counts <= many_threshold)),
+        "few": np.flatnonzero(counts < few_threshold),
+    }
+
+
+def group_accuracy(class_accuracy: np.ndarray, classes: np.ndarray) -> Optional[float]:
+    """Mean accuracy over ``classes`` that have test samples; None if there are none."""
+    values = np.asarray(class_accuracy)[classes]
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def _none_if_nan(value: float) -> Optional[float]:
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def evaluate(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    train_counts: np.ndarray,
+    *,
+    many_threshold: int = MANY_THRESHOLD,
+    few_threshold: int = FEW_THRESHOLD,
+) -> Dict[str, object]:
+    """All metrics of one split: n, top1, top5, macro_f1, mean_class_acc,
+    many / medium / few (None when the group is empty) and per_class
+    accuracy (a list with None for classes absent from the split).
+
+    ``labels`` (N,), ``scores`` (N, C), ``train_counts`` (C,).
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores)
+    num_classes = len(train_counts)
+    predictions = scores.argmax(axis=1)
+    class_accuracy = per_class_accuracy(labels, predictions, num_classes)
+    groups = shot_groups(train_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    result: Dict[str, object] = {
+        "n": int(len(labels)),
+        "top1": _none_if_nan(top_k_accuracy(labels, scores, 1)),
+        "top5": _none_if_nan(top_k_accuracy(labels, scores, 5)),
+        "macro_f1": _none_if_nan(macro_f1_score(labels, predictions, num_classes)) if len(labels) else None,
+        "mean_class_acc": _none_if_nan(mean_class_accuracy(labels, predictions, num_classes)),
+    }
+    for name in GROUPS:
+        result[name] = group_accuracy(class_accuracy, groups[name])
+    per_class: List[Optional[float]] = [_none_if_nan(value) for value in class_accuracy]
+    result["per_class"] = per_class
+    return result
