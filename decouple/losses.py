@@ -1,0 +1,565 @@
+"""Long-tailed classification losses (a registry).
+
+Every loss is a small :class:`LongTailLoss` module built from the training
+class counts: ``loss = create_loss("balanced_softmax", class_counts=counts)``,
+then ``loss(logits, target)`` with ``logits`` (B, C) and ``target`` (B,)
+int64 gives the scalar mean loss over the batch. Hyperparameters are plain
+keyword arguments with the papers' defaults, so a sweep config
+``params: {focal: {gamma: 2.0}}`` reaches them and
+``LOSSES.parameters(name)`` lists them.
+
+Conventions shared by every loss here:
+
+* Per-class quantities (weights, priors, margins) are computed once, in
+  float64 numpy, at construction and kept as buffers, so they follow
+  ``.to(device)`` and ``forward`` runs on any device without numpy.
+* ``forward`` computes in at least float32, whatever the logits' dtype.
+* A class with no training images (count 0) is treated as having one image
+  wherever a count is divided by, inverted or logged (weights, priors,
+  margins), so every value stays finite. Such a class never occurs as a
+  target in training, so this only fixes how it competes as a negative.
+* Re-weighted losses follow their paper's reduction; each says which.
+
+The formulas follow the survey of Zhang et al., "Deep Long-Tailed Learning:
+A Survey" (TPAMI 2023) and the cited papers.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, DataError
+from .registry import Registry
+
+LOSSES = Registry("loss")
+register_loss = LOSSES.register
+
+CountsLike = Union[np.ndarray, Sequence[float], Tensor]
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers: counts in, per-class arrays out (float64 numpy).
+# ---------------------------------------------------------------------------
+
+
+def as_class_counts(class_counts: CountsLike) -> np.ndarray:
+    """Validate per-class training counts and return them as float64 (C,).
+
+    Counts must be one-dimensional, finite and non-negative, with at least
+    one positive entry.
+    """
+    if isinstance(class_counts, Tensor):
+        class_counts = class_counts.detach().cpu().numpy()
+    try:
+        counts = np.asarray(class_counts, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"class_counts must be numbers; got {type(class_counts).__name__}") from exc
+    if counts.ndim != 1 or counts.size == 0:
+        raise DataError(
+            f"class_counts must be a non-empty 1-D array (C,); got shape {counts.shape}"
+        )
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise DataError("class_counts must be finite and non-negative; got " + _preview(counts))
+    if not np.any(counts > 0):
+        raise DataError("class_counts must have at least one positive count; got all zeros")
+    return counts
+
+
+def _preview(values: np.ndarray, limit: int = 6) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    return f"[{shown}{', ...' if values.size > limit else ''}]"
+
+
+def _floored(counts: np.ndarray) -> np.ndarray:
+    # A class with no images is treated as a one-image class (module docstring).
+    return np.maximum(counts, 1.0)
+
+
+def log_prior(class_counts: CountsLike) -> np.ndarray:
+    """log pi_c = log(n_c / N), (C,), with empty classes counted as one image."""
+    counts = _floored(as_class_counts(class_counts))
+    return np.log(counts) - np.log(counts.sum())
+
+
+def inverse_frequency_weights(class_counts: CountsLike, power: float = 1.0) -> np.ndarray:
+    """w_c proportional to 1 / n_c**power, normalised to mean 1 over classes, (C,)."""
+    counts = _floored(as_class_counts(class_counts))
+    # Divide by the smallest count first so large powers cannot overflow.
+    weights = (counts.min() / counts) ** power
+    return weights / weights.mean()
+
+
+def effective_number(class_counts: CountsLike, beta: float) -> np.ndarray:
+    """Effective number of samples E_n = (1 - beta**n) / (1 - beta), (C,).
+
+    Cui et al. (CVPR 2019). Computed as -expm1(n log beta) / (1 - beta)
+    in float64: beta = 0.9999 is exactly 1 in float16 and 1 - beta**n loses
+    most of its digits for small n in float32, the classic way this loss
+    turns into a division by zero. beta = 0 gives E_n = 1 for n >= 1.
+    """
+    counts = as_class_counts(class_counts)
+    if not 0.0 <= beta < 1.0:
+        raise ConfigError(f"effective-number beta must lie in [0, 1); got {beta}")
+    if beta == 0.0:
+        return np.where(counts > 0, 1.0, 0.0)
+    return -np.expm1(counts * np.log(beta)) / (1.0 - beta)
+
+
+def class_balanced_weights(class_counts: CountsLike, beta: float = 0.9999) -> np.ndarray:
+    """Cui et al.'s weights w_c proportional to 1 / E_{n_c}, normalised to sum to C, (C,).
+
+    Empty classes are counted as one image (E_1 = 1, the largest weight), so
+    no weight is infinite.
+    """
+    counts = _floored(as_class_counts(class_counts))
+    weights = 1.0 / effective_number(counts, beta)
+    return weights * (len(counts) / weights.sum())
+
+
+def ldam_margins(class_counts: CountsLike, max_margin: float = 0.5) -> np.ndarray:
+    """Cao et al.'s margins m_c = K / n_c**(1/4), K chosen so max_c m_c = max_margin, (C,)."""
+    counts = _floored(as_class_counts(class_counts))
+    margins = (counts.min() / counts) ** 0.25
+    return max_margin * margins / margins.max()
+
+
+def _buffer(values: np.ndarray) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.float32)
+
+
+def _check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not np.isfinite(value):
+        raise ConfigError(f"loss parameter {name} must be a finite number; got {value}")
+    return value
+
+
+def _check_at_least(name: str, value: float, low: float) -> float:
+    value = _check_finite(name, value)
+    if value < low:
+        raise ConfigError(f"loss parameter {name} must be >= {low:g}; got {value:g}")
+    return value
+
+
+def _check_probability(name: str, value: float) -> float:
+    value = _check_finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"loss parameter {name} must lie in [0, 1]; got {value:g}")
+    return value
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    # float16 / bfloat16 logits (autocast) are lifted; float64 is kept for exact tests.
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _focal_terms(log_pt: Tensor, gamma: float) -> Tensor:
+    """-(1 - p_t)**gamma * log p_t for log-probabilities of the target, (B,).
+
+    1 - p_t is formed as -expm1(log p_t) (exact when p_t is near 1) and
+    floored at the smallest normal number, so (1 - p_t)**(gamma - 1) in the
+    gradient stays finite for gamma < 1 and confident predictions.
+    """
+    if gamma == 0.0:
+        return -log_pt
+    one_minus_pt = (-torch.expm1(log_pt)).clamp(min=torch.finfo(log_pt.dtype).tiny)
+    return -(one_minus_pt**gamma) * log_pt
+
+
+# ---------------------------------------------------------------------------
+# Base class, registry access.
+# ---------------------------------------------------------------------------
+
+
+class LongTailLoss(nn.Module):
+    """Base of every long-tailed loss: holds the class counts as a float buffer.
+
+    ``class_counts`` (C,): training images per class (numpy array, list or
+    tensor). Subclasses implement ``forward(logits (B, C), target (B,)) ->
+    scalar mean loss``.
+    """
+
+    def __init__(self, class_counts: CountsLike) -> None:
+        super().__init__()
+        counts = as_class_counts(class_counts)
+        self.register_buffer("class_counts", _buffer(counts))
+        self._counts_np = counts
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.shape[0])
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Tell the loss which epoch (0-based) of ``total_epochs`` starts; no-op by default."""
+
+    def _check_inputs(self, logits: Tensor, target: Tensor) -> None:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: logits must have shape (B, {self.num_classes}); "
+                f"got {tuple(logits.shape)}"
+            )
+        if target.shape != logits.shape[:1]:
+            raise ValueError(
+                f"{type(self).__name__}: target must have shape ({logits.shape[0]},); "
+                f"got {tuple(target.shape)}"
+            )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"
+
+
+def create_loss(name: str, *, class_counts: CountsLike, **params) -> LongTailLoss:
+    """Build the loss registered as ``name`` for ``class_counts`` (C,).
+
+    An unknown name raises UnknownNameError listing the known losses; an
+    unknown keyword raises ConfigError naming it (both are ValueErrors).
+    """
+    return LOSSES.create(name, class_counts=class_counts, **params)
+
+
+def list_losses() -> List[Tuple[str, str]]:
+    """(name, one-line description) of every registered loss."""
+    return LOSSES.describe()
+
+
+# ---------------------------------------------------------------------------
+# The losses.
+# ---------------------------------------------------------------------------
+
+
+@register_loss("ce")
+class CrossEntropyLoss(LongTailLoss):
+    """Plain softmax cross-entropy, the long-tail-unaware baseline.
+
+    loss = mean_i -log softmax(z_i)[y_i].
+    """
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        return F.cross_entropy(logits.to(_compute_dtype(logits)), target)
+
+
+@register_loss("weighted_ce")
+class WeightedCrossEntropyLoss(LongTailLoss):
+    """Cross-entropy re-weighted by inverse class frequency, w_c ~ 1 / n_c**power.
+
+    Classic re-weighting (class-sensitive learning in Zhang et al., "Deep
+    Long-Tailed Learning: A Survey", TPAMI 2023): w_c = n_c**-power,
+    normalised to mean 1 over the C classes; ``power`` = 1 is inverse
+    frequency, 0.5 inverse square root, 0 plain cross-entropy.
+
+    loss = (1 / B) sum_i w_{y_i} * (-log softmax(z_i)[y_i])
+
+    The batch-size reduction (as in Cui et al.'s class-balanced loss) keeps
+    the weights' effect across batches; torch's weighted mean (divide by
+    sum_i w_{y_i}) would undo it within every batch of a single class.
+    """
+
+    def __init__(self, class_counts: CountsLike, power: float = 1.0) -> None:
+        super().__init__(class_counts)
+        self.power = _check_at_least("power", power, 0.0)
+        self.register_buffer(
+            "class_weights", _buffer(inverse_frequency_weights(self._counts_np, self.power)),
+            persistent=False,
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        per_sample = F.cross_entropy(logits, target, reduction="none")
+        return (self.class_weights.to(logits.dtype)[target] * per_sample).mean()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, power={self.power:g}"
+
+
+@register_loss("focal")
+class FocalLoss(LongTailLoss):
+    """Focal loss: cross-entropy scaled by (1 - p_t)**gamma to focus on hard examples.
+
+    Lin et al., "Focal Loss for Dense Object Detection" (ICCV 2017), softmax
+    form: loss = (1 / B) sum_i -alpha_{y_i} (1 - p_t)**gamma log p_t, with
+    p_t = softmax(z_i)[y_i]. ``gamma`` = 2 is the paper's default; gamma = 0
+    is cross-entropy. ``alpha`` is off by default (alpha_c = 1); a number
+    scales every term (with softmax there are no negative terms for the
+    paper's binary alpha to balance against), a sequence of C numbers gives
+    the per-class alpha-balanced variant.
+    """
+
+    def __init__(
+        self,
+        class_counts: CountsLike,
+        gamma: float = 2.0,
+        alpha: Optional[Union[float, Sequence[float]]] = None,
+    ) -> None:
+        super().__init__(class_counts)
+        self.gamma = _check_at_least("gamma", gamma, 0.0)
+        alpha_values = np.ones(self.num_classes) if alpha is None else np.asarray(alpha, float)
+        if alpha_values.ndim == 0:
+            alpha_values = np.full(self.num_classes, float(alpha_values))
+        if (
+            alpha_values.shape != (self.num_classes,)
+            or not np.all(np.isfinite(alpha_values))
+            or np.any(alpha_values < 0)
+        ):
+            raise ConfigError(
+                f"loss parameter alpha must be a non-negative number or {self.num_classes} "
+                f"non-negative numbers (one per class); got {alpha!r}"
+            )
+        self.register_buffer("alpha", _buffer(alpha_values), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        log_pt = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        return (self.alpha.to(logits.dtype)[target] * _focal_terms(log_pt, self.gamma)).mean()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, gamma={self.gamma:g}"
+
+
+@register_loss("class_balanced")
+class ClassBalancedLoss(LongTailLoss):
+    """Class-balanced loss: re-weights by the inverse effective number of samples.
+
+    Cui et al., "Class-Balanced Loss Based on Effective Number of Samples"
+    (CVPR 2019). E_n = (1 - beta**n) / (1 - beta); w_c = (1 / E_{n_c})
+    normalised so sum_c w_c = C; ``beta`` = 0.9999 by default.
+
+    loss = (1 / B) sum_i w_{y_i} * l(z_i, y_i)
+
+    i.e. divided by the batch size, as in the paper's reference
+    implementation, not by sum_i w_{y_i} (torch's weighted mean).
+    ``base`` chooses l: "softmax" (default), softmax cross-entropy
+    -log p_t; "focal", the softmax focal loss -(1 - p_t)**gamma log p_t.
+    ``gamma`` (focal base only) defaults to 1.0, the middle of the values
+    0.5, 1.0 and 2.0 the paper reports on long-tailed CIFAR. (The paper's
+    focal variant is sigmoid-based; the softmax form is used here so every
+    loss shares the softmax decision rule of the heads.) beta = 0 gives
+    equal weights, so the softmax base is then plain cross-entropy.
+    """
+
+    BASES = ("softmax", "focal")
+
+    def __init__(
+        self,
+        class_counts: CountsLike,
+        beta: float = 0.9999,
+        base: str = "softmax",
+        gamma: float = 1.0,
+    ) -> None:
+        super().__init__(class_counts)
+        beta = _check_finite("beta", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"loss parameter beta must lie in [0, 1); got {beta:g}")
+        if base not in self.BASES:
+            raise ConfigError(
+                f"loss parameter base must be one of {', '.join(self.BASES)}; got {base!r}"
+            )
+        self.beta = beta
+        self.base = base
+        self.gamma = _check_at_least("gamma", gamma, 0.0)
+        self.register_buffer(
+            "class_weights", _buffer(class_balanced_weights(self._counts_np, beta)),
+            persistent=False,
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        log_pt = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        gamma = self.gamma if self.base == "focal" else 0.0
+        per_sample = _focal_terms(log_pt, gamma)
+        return (self.class_weights.to(logits.dtype)[target] * per_sample).mean()
+
+    def extra_repr(self) -> str:
+        extra = f", gamma={self.gamma:g}" if self.base == "focal" else ""
+        return f"num_classes={self.num_classes}, beta={self.beta:g}, base={self.base}{extra}"
+
+
+@register_loss("balanced_softmax")
+class BalancedSoftmaxLoss(LongTailLoss):
+    """Balanced softmax: cross-entropy on logits shifted by log class counts.
+
+    Ren et al., "Balanced Meta-Softmax for Long-Tailed Visual Recognition"
+    (NeurIPS 2020): loss = mean_i -log( n_{y_i} exp(z_{y_i}) / sum_k n_k exp(z_k) )
+    = CE(z_i + log n, y_i). Equal counts give plain cross-entropy.
+    """
+
+    def __init__(self, class_counts: CountsLike) -> None:
+        super().__init__(class_counts)
+        # log n_c and log(n_c / N) differ by a constant, which softmax ignores.
+        self.register_buffer("log_prior", _buffer(log_prior(self._counts_np)), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        return F.cross_entropy(logits + self.log_prior.to(logits.dtype), target)
+
+
+@register_loss("ldam")
+class LDAMLoss(LongTailLoss):
+    """LDAM: label-distribution-aware margins, larger for rare classes, with deferred re-weighting.
+
+    Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware
+    Margin Loss" (NeurIPS 2019). m_c = K / n_c**(1/4) with K such that
+    max_c m_c = ``max_margin`` (0.5), scale ``s`` (30):
+
+        loss = sum_i w_{y_i} l_i / sum_i w_{y_i},
+        l_i = -log softmax(s * (z_i - m_{y_i} * onehot(y_i)))[y_i]
+
+    (torch's weighted mean, as in the paper's code). Deferred re-weighting
+    (DRW): w = 1 until epoch ``drw_epoch`` (0-based; default
+    int(0.8 * total_epochs), the paper's 160 of 200), then the class-balanced
+    weights (1 - beta) / (1 - beta**n_c) normalised to sum to C with
+    ``beta`` = 0.9999. Re-weighting switches via ``set_epoch``; before the
+    first call there is none. The paper applies LDAM to cosine logits, where
+    s = 30 suits; with unnormalised linear logits choose s accordingly.
+    max_margin = 0 and s = 1 without re-weighting is plain cross-entropy.
+    """
+
+    def __init__(
+        self,
+        class_counts: CountsLike,
+        max_margin: float = 0.5,
+        s: float = 30.0,
+        drw_epoch: Optional[int] = None,
+        beta: float = 0.9999,
+    ) -> None:
+        super().__init__(class_counts)
+        self.max_margin = _check_at_least("max_margin", max_margin, 0.0)
+        self.s = _check_finite("s", s)
+        if self.s <= 0:
+            raise ConfigError(f"loss parameter s must be > 0; got {self.s:g}")
+        is_integer = isinstance(drw_epoch, (int, np.integer)) and not isinstance(drw_epoch, bool)
+        if drw_epoch is not None and (not is_integer or drw_epoch < 0):
+            raise ConfigError(
+                f"loss parameter drw_epoch must be a non-negative integer; got {drw_epoch!r}"
+            )
+        self.drw_epoch = None if drw_epoch is None else int(drw_epoch)
+        beta = _check_finite("beta", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"loss parameter beta must lie in [0, 1); got {beta:g}")
+        self.beta = beta
+        self.drw_active = False
+        self.register_buffer("margins", _buffer(ldam_margins(self._counts_np, self.max_margin)),
+                             persistent=False)
+        self.register_buffer("drw_weights", _buffer(class_balanced_weights(self._counts_np, beta)),
+                             persistent=False)
+        self.register_buffer("class_weights", torch.ones(self.num_classes), persistent=False)
+
+    def drw_start(self, total_epochs: int) -> int:
+        """First (0-based) epoch with deferred re-weighting for a run of ``total_epochs``."""
+        return self.drw_epoch if self.drw_epoch is not None else int(0.8 * total_epochs)
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Switch the class-balanced weights on from ``drw_start(total_epochs)`` onwards."""
+        self.drw_active = epoch >= self.drw_start(total_epochs)
+        with torch.no_grad():
+            if self.drw_active:
+                self.class_weights.copy_(self.drw_weights)
+            else:
+                self.class_weights.fill_(1.0)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        margin = self.margins.to(logits.dtype)[target]
+        adjusted = logits.scatter_add(1, target[:, None], -margin[:, None])
+        weights = self.class_weights.to(logits.dtype)
+        return F.cross_entropy(self.s * adjusted, target, weight=weights)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, max_margin={self.max_margin:g}, s={self.s:g}, "
+            f"drw_epoch={self.drw_epoch}, drw_active={self.drw_active}"
+        )
+
+
+@register_loss("equalization")
+class EqualizationLoss(LongTailLoss):
+    """Softmax equalization loss: randomly drops rare classes' negative logits.
+
+    Tan et al., "Equalization Loss for Long-Tailed Object Recognition" (CVPR
+    2020), softmax form (SEQL) used for image classification:
+
+        loss = mean_i -log( exp(z_{y_i}) / sum_k w_ik exp(z_k) ),
+        w_ik = 1 - beta_ik * T_lambda(f_k) * (1 - y_ik)
+
+    with f_k = n_k / N the class frequency, T_lambda(f) = 1 if f < lambda else
+    0, and beta_ik ~ Bernoulli(``gamma``) drawn per sample and class with
+    torch's random generator (so the global torch seed reproduces it);
+    ``gamma`` = 0.9 as in the paper. Since w_ik is 0 or 1, suppressed logits
+    are masked to -inf inside a log-sum-exp. The paper tunes the frequency
+    threshold per data set (1.76e-3 on LVIS); here ``lambda_`` defaults to
+    None, meaning 1 / C: classes rarer than uniform frequency count as tail,
+    a data-set-free choice. gamma = 0 (or no tail class) is cross-entropy.
+    """
+
+    def __init__(
+        self,
+        class_counts: CountsLike,
+        gamma: float = 0.9,
+        lambda_: Optional[float] = None,
+    ) -> None:
+        super().__init__(class_counts)
+        self.gamma = _check_probability("gamma", gamma)
+        if lambda_ is None:
+            threshold = 1.0 / self.num_classes
+        else:
+            threshold = _check_probability("lambda_", lambda_)
+        self.lambda_ = lambda_
+        self.threshold = threshold
+        frequency = self._counts_np / self._counts_np.sum()
+        tail = frequency < threshold
+        self.register_buffer("tail", torch.as_tensor(tail), persistent=False)
+        self._has_tail = bool(tail.any())  # kept on the host: no device sync per step
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        if self.gamma > 0.0 and self._has_tail:
+            drop = torch.rand(logits.shape, device=logits.device) < self.gamma
+            drop &= self.tail[None, :]
+            drop.scatter_(1, target[:, None], False)  # the target class is never suppressed
+            logits = logits.masked_fill(drop, float("-inf"))
+        return F.cross_entropy(logits, target)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, gamma={self.gamma:g}, "
+            f"lambda={self.threshold:g}, tail_classes={int(self.tail.sum())}"
+        )
+
+
+@register_loss("logit_adjusted")
+class LogitAdjustedLoss(LongTailLoss):
+    """Logit-adjusted loss: cross-entropy on logits plus tau * log class prior.
+
+    Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021),
+    the logit-adjusted softmax cross-entropy:
+    loss = mean_i -log softmax(z_i + tau * log pi)[y_i], pi_c = n_c / N,
+    ``tau`` = 1. tau = 0 or equal counts give plain cross-entropy; tau = 1
+    equals balanced softmax.
+    """
+
+    def __init__(self, class_counts: CountsLike, tau: float = 1.0) -> None:
+        super().__init__(class_counts)
+        self.tau = _check_finite("tau", tau)
+        self.register_buffer("log_prior", _buffer(log_prior(self._counts_np)), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        return F.cross_entropy(logits + self.tau * self.log_prior.to(logits.dtype), target)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, tau={self.tau:g}"

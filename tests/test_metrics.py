@@ -1,0 +1,62 @@
+"""Metrics are pure functions; check them on hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from decouple.metrics import (
+    evaluate,
+    macro_f1_score,
+    mean_class_accuracy,
+    per_class_accuracy,
+    shot_groups,
+    top_k_accuracy,
+)
+
+
+def test_top_k_accuracy_hand_case():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.35, 0.4, 0.25]])
+    labels = np.array([1, 2, 2, 0])
+    assert top_k_accuracy(labels, scores, 1) == pytest.approx(0.5)
+    # row 1: label 2 ranks third, so it is the only miss at k=2
+    assert top_k_accuracy(labels, scores, 2) == pytest.approx(0.75)
+    assert top_k_accuracy(labels, scores, 5) == 1.0  # k capped at C
+
+
+def test_per_class_and_mean_class_accuracy():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    predictions = np.array([0, 0, 0, 1, 1, 0, 2])
+    accuracy = per_class_accuracy(labels, predictions, 4)
+    np.testing.assert_allclose(accuracy[:3], [0.75, 0.5, 1.0])
+    assert np.isnan(accuracy[3])
+    assert mean_class_accuracy(labels, predictions, 4) == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+
+
+def test_macro_f1_hand_case():
+    labels = np.array([0, 0, 1, 1])
+    predictions = np.array([0, 1, 1, 1])
+    # class 0: p=1, r=.5 -> f1=2/3; class 1: p=2/3, r=1 -> f1=.8
+    assert macro_f1_score(labels, predictions, 2) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_shot_groups_thresholds():
+    counts = np.array([500, 101, 100, 20, 19, 1])
+    groups = shot_groups(counts)
+    assert groups["many"].tolist() == [0, 1]
+    assert groups["medium"].tolist() == [2, 3]
+    assert groups["few"].tolist() == [4, 5]
+    custom = shot_groups(counts, many_threshold=200, few_threshold=50)
+    assert custom["many"].tolist() == [0]
+    assert custom["few"].tolist() == [3, 4, 5]
+
+
+def test_evaluate_empty_group_is_none_not_zero():
+    train_counts = np.array([500, 300, 50])  # no few-shot class
+    labels = np.array([0, 1, 2, 2])
+    scores = np.eye(3)[[0, 0, 2, 1]]
+    result = evaluate(labels, scores, train_counts)
+    assert result["few"] is None
+    assert result["many"] == pytest.approx(0.5)
+    assert result["medium"] == pytest.approx(0.5)
+    assert result["n"] == 4
+    assert result["top1"] == pytest.approx(0.5)
+    assert result["per_class"] == [1.0, 0.0, 0.5]
