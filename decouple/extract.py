@@ -1,0 +1,460 @@
+"""Stage one end to end: data -> backbone -> fine-tune -> embeddings of every split.
+
+:func:`run_extract` is what ``decouple extract`` calls. Embeddings are taken
+before the classifier (timm ``forward_head(pre_logits=True)``) with the
+evaluation transform, for every split of the manifest, and written to one
+decouple-features v1 file through :class:`~decouple.features.FeatureWriter`
+(a temporary file renamed at the end). Under torchrun each rank embeds a
+shard of every split; rank 0 gathers and writes, in manifest order, so the
+file is the same whatever the number of processes. ``views=K`` adds
+/train/views (N, K, D): K embeddings of each training image under the
+training augmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .backbones import create_backbone, embed, embedding_dim, has_fixed_input_size, model_input_size, state_dict_sha256
+from .data import ImageDataset, Manifest, SplitItems, native_image_size, prepare_manifest, save_manifest
+from .errors import ConfigError, DecoupleError
+from .features import FeatureWriter
+from .finetune import (
+    DistInfo,
+    FinetuneConfig,
+    broadcast_from_main,
+    data_config_for,
+    default_workers,
+    finetune,
+    init_distributed,
+    is_disk_full,
+    make_transform,
+    seed_everything,
+    shutdown_distributed,
+)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``decouple extract`` takes; stored as JSON in the feature file."""
+
+    data: str
+    backbone: str = "resnet32_cifar"
+    source: str = "auto"
+    pretrained: bool = False
+    weights: Optional[str] = None
+    imbalance: Optional[float] = None
+    n_max: Optional[int] = None
+    val_per_class: int = 20
+    val_fraction: float = 0.1
+    min_val_per_class: int = 1
+    test_fraction: float = 0.2
+    seed: int = 0
+    strict: bool = False
+    check_images: bool = True
+    img_size: Union[int, str] = "auto"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval_batch_size: Optional[int] = None
+    views: int = 0
+    dtype: str = "float16"
+    out: Optional[str] = None
+    run: Optional[str] = None
+    features_dir: str = "features"
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class ExtractResult:
+    """What a run wrote and how it went."""
+
+    path: str
+    manifest_path: str
+    checkpoint_path: Optional[str]
+    backbone: str
+    img_size: int
+    dim: int
+    num_classes: int
+    splits: Dict[str, int]
+    weights_sha256: str
+    world_size: int
+    seconds: float
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def default_run_name(data: str, backbone: str, imbalance: Optional[float]) -> str:
+    """``<data folder>_<backbone>[_lt<IF>]``, filesystem-safe."""
+    stem = Path(os.path.abspath(data)).name
+    if Path(data).suffix.lower() in (".csv", ".txt"):
+        stem = Path(data).stem
+    name = f"{stem}_{backbone}" + (f"_lt{imbalance:g}" if imbalance is not None else "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def output_paths(config: ExtractConfig) -> Dict[str, Path]:
+    """Feature file, manifest CSV and checkpoint paths of a run."""
+    if config.out:
+        out = Path(config.out)
+    else:
+        run = config.run or default_run_name(config.data, config.backbone, config.imbalance)
+        out = Path(config.features_dir) / f"{run}.h5"
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    manifest = out.with_name(f"{stem}.manifest.csv")
+    checkpoint = Path(config.checkpoint) if config.checkpoint else out.with_name(f"{stem}.ckpt.pt")
+    return {"out": out, "manifest": manifest, "checkpoint": checkpoint}
+
+
+def resolve_img_size(img_size: Union[int, str], model: nn.Module, manifest: Manifest, *, pretrained: bool) -> int:
+    """``auto``: the model's input size when it is pretrained or takes only that
+    size, else the data's own size if smaller (no upsampling of small images
+    for a model trained from scratch); ``model``: the model's; an int: that."""
+    model_size = model_input_size(model)
+    if isinstance(img_size, str) and img_size.isdigit():
+        img_size = int(img_size)
+    if isinstance(img_size, int):
+        if img_size < 8:
+            raise ConfigError(f"--img-size must be at least 8 pixels; got {img_size}")
+        if has_fixed_input_size(model) and img_size != model_size:
+            raise ConfigError(f"--img-size {img_size}: {type(model).__name__} takes only {model_size} px inputs")
+        return img_size
+    if img_size == "model":
+        return model_size
+    if img_size != "auto":
+        raise ConfigError(f"--img-size must be auto, model or a number of pixels; got {img_size!r}")
+    if pretrained or has_fixed_input_size(model):
+        return model_size
+    return min(model_size, native_image_size(manifest.splits["train"].refs))
+
+
+def package_versions() -> Dict[str, str]:
+    """Versions of what produced the features."""
+    import h5py
+    import timm
+
+    from . import __version__
+
+    versions = {
+        "decouple": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+# --------------------------------------------------------------------------- sharded embedding
+
+
+def shard_batches(n: int, *, world_size: int, rank: int, batch_size: int) -> List[range]:
+    """This rank's batch of each chunk of ``world_size * batch_size`` rows (possibly empty)."""
+    chunk = world_size * batch_size
+    return [
+        range(min(start + rank * batch_size, n), min(start + (rank + 1) * batch_size, n))
+        for start in range(0, n, chunk)
+    ]
+
+
+@torch.no_grad()
+def embed_split(
+    model: nn.Module,
+    items: SplitItems,
+    transform: Callable,
+    *,
+    dist: DistInfo,
+    batch_size: int,
+    workers: int,
+    write: Callable[[int, np.ndarray], None],
+    amp: bool = True,
+    channels_last: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Embed ``items`` sharded over ranks; rank 0 gets ``write(start_row, block (b, D))`` in order."""
+    n = len(items)
+    device = dist.device
+    on_cuda = device.type == "cuda"
+    batches = shard_batches(n, world_size=dist.world_size, rank=dist.rank, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(items, transform),
+        batch_sampler=[list(batch) for batch in batches if len(batch)],
+        num_workers=workers,
+        pin_memory=on_cuda,
+        generator=generator,
+    )
+    dim = embedding_dim(model)
+    memory_format = torch.channels_last if on_cuda and channels_last else torch.contiguous_format
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and amp else contextlib.nullcontext()
+    iterator = iter(loader)
+    for chunk_index, batch in enumerate(batches):
+        block = torch.zeros(batch_size, dim, device=device)
+        if len(batch):
+            images, _ = next(iterator)
+            with autocast:
+                out = embed(model, images.to(device, non_blocking=True, memory_format=memory_format))
+            block[: len(batch)] = out.float()
+        chunk_start = chunk_index * dist.world_size * batch_size
+        if dist.distributed:
+            gathered = [torch.empty_like(block) for _ in range(dist.world_size)]
+            torch.distributed.all_gather(gathered, block)
+        else:
+            gathered = [block]
+        if dist.is_main:
+            rows = []
+            for rank, part in enumerate(gathered):
+                valid = len(shard_batches(n, world_size=dist.world_size, rank=rank, batch_size=batch_size)[chunk_index])
+                rows.append(part[:valid])
+            write(chunk_start, torch.cat(rows).cpu().numpy())
+
+
+class _ViewsWriter(FeatureWriter):
+    """FeatureWriter plus /train/views (N, K, D)."""
+
+    def create_views(self, split: str, *, n: int, views: int, dim: int) -> None:
+        self._handle[split].create_dataset("views", shape=(n, views, dim), dtype=self.dtype)
+
+    def write_view_rows(self, split: str, view: int, start: int, features: np.ndarray) -> None:
+        self._handle[split]["views"][start : start + len(features), view, :] = np.asarray(features, dtype=self.dtype)
+
+
+def _manifest_attr(manifest: Manifest, manifest_path: Path) -> Dict[str, Any]:
+    summary = manifest.summary()
+    skipped = summary.pop("skipped_images", [])
+    summary.update(
+        {
+            "file": manifest_path.name,
+            "sha256": manifest.sha256(),
+            "skipped_images": len(skipped),
+            "skipped_first": skipped[:20],
+        }
+    )
+    summary.pop("class_names", None)
+    if len(json.dumps(summary, default=str)) > 60000:  # HDF5 attributes stop at 64 KiB
+        summary.pop("counts", None)
+    return summary
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) -> ExtractResult:
+    """Build the splits, fine-tune, embed every split and write ``features/<run>.h5``.
+
+    Bad input raises a DecoupleError before anything is written; a crash or a
+    full disk leaves no feature file (the per-epoch checkpoint stays, for
+    ``resume``). Under torchrun only rank 0 writes and logs.
+    """
+    started = time.perf_counter()
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {config.dtype!r}")
+    if config.views < 0:
+        raise ConfigError(f"--views must be >= 0; got {config.views}")
+    ft_config = config.finetune.resolved()
+    _check_names(config)
+    paths = output_paths(config)
+    dist = init_distributed(config.device)
+    say = log if dist.is_main else (lambda message: None)
+    try:
+        workers = default_workers(dist.device, dist.local_world_size) if ft_config.workers is None else ft_config.workers
+
+        def make_manifest() -> Manifest:
+            manifest = prepare_manifest(
+                config.data,
+                source=config.source,
+                imbalance=config.imbalance,
+                n_max=config.n_max,
+                val_per_class=config.val_per_class,
+                val_fraction=config.val_fraction,
+                min_val_per_class=config.min_val_per_class,
+                test_fraction=config.test_fraction,
+                seed=config.seed,
+                check_images=config.check_images,
+                strict=config.strict,
+            )
+            skipped = manifest.info.get("skipped_images", [])
+            if skipped:
+                listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
+                log(f"skipped {len(skipped)} unreadable image(s): {listing}")
+            return manifest
+
+        manifest = broadcast_from_main(dist, make_manifest)
+        say(
+            "data: "
+            + ", ".join(f"{name} {len(items)}" for name, items in manifest.splits.items())
+            + f" images, {manifest.num_classes} classes"
+        )
+        seed_everything(config.seed, 0)
+        model, weights = create_backbone(
+            config.backbone,
+            num_classes=manifest.num_classes,
+            pretrained=config.pretrained,
+            weights=config.weights,
+        )
+        if weights.mode == "position" or weights.skipped:
+            say(
+                f"weights: {weights.matched}/{weights.total} tensors loaded by {weights.mode}"
+                + (f"; new {', '.join(weights.skipped)}" if weights.skipped else "")
+            )
+        img_size = resolve_img_size(
+            config.img_size, model, manifest, pretrained=config.pretrained or config.weights is not None
+        )
+        data_config = data_config_for(model, img_size)
+        history = []
+        if ft_config.epochs > 0:
+            fingerprint = {
+                "backbone": config.backbone,
+                "manifest_sha256": manifest.sha256(),
+                "img_size": img_size,
+                "weights_sha256": weights.sha256,
+                "world_size": dist.world_size,
+            }
+            history = finetune(
+                model,
+                manifest,
+                ft_config,
+                data_config=data_config,
+                dist=dist,
+                checkpoint=paths["checkpoint"],
+                resume=config.resume,
+                fingerprint=fingerprint,
+                log=say,
+            )
+        model.to(dist.device).eval()
+        if dist.device.type == "cuda" and ft_config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        dim = embedding_dim(model)
+        resolved = _json_ready(asdict(config))
+        resolved["finetune"] = _json_ready(asdict(ft_config))
+        resolved.update({"img_size": img_size, "world_size": dist.world_size, "workers": workers})
+        attrs = {
+            "weights_sha256": weights.sha256,
+            "weights": weights.as_dict(),
+            "model_sha256": state_dict_sha256(model.state_dict()),
+            "config": json.dumps(resolved, sort_keys=True, default=str),
+            "versions": json.dumps(package_versions(), sort_keys=True),
+            "manifest": json.dumps(_manifest_attr(manifest, paths["manifest"]), sort_keys=True, default=str),
+            "img_size": img_size,
+            "views": config.views,
+            "history": json.dumps([asdict(row) for row in history]),
+        }
+        eval_batch = config.eval_batch_size or 2 * ft_config.batch_size
+        eval_transform = make_transform(data_config, is_training=False)
+        writer_cm = (
+            _ViewsWriter(
+                paths["out"],
+                class_names=manifest.class_names,
+                backbone=config.backbone,
+                attrs=attrs,
+                dtype=DTYPES[config.dtype],
+            )
+            if dist.is_main
+            else contextlib.nullcontext()
+        )
+        manifest_written: Optional[Path] = None
+        try:
+            with writer_cm as writer:
+                for name, items in manifest.splits.items():
+                    if dist.is_main:
+                        writer.create_split(name, n=len(items), dim=dim)
+
+                    def write(start: int, block: np.ndarray, name: str = name, items: SplitItems = items) -> None:
+                        writer.write_rows(name, start, block, items.labels[start : start + len(block)])
+
+                    embed_split(
+                        model, items, eval_transform, dist=dist, batch_size=eval_batch, workers=workers,
+                        write=write, amp=ft_config.amp, channels_last=ft_config.channels_last,
+                    )
+                    say(f"embedded {name}: {len(items)} x {dim}")
+                if config.views:
+                    train = manifest.splits["train"]
+                    train_transform = make_transform(data_config, is_training=True)
+                    if dist.is_main:
+                        writer.create_views("train", n=len(train), views=config.views, dim=dim)
+                    for view in range(config.views):
+                        generator = seed_everything(config.seed, 2, view, dist.rank)
+
+                        def write_view(start: int, block: np.ndarray, view: int = view) -> None:
+                            writer.write_view_rows("train", view, start, block)
+
+                        embed_split(
+                            model, train, train_transform, dist=dist, batch_size=eval_batch, workers=workers,
+                            write=write_view, amp=ft_config.amp, channels_last=ft_config.channels_last,
+                            generator=generator,
+                        )
+                    say(f"embedded train views: {len(train)} x {config.views} x {dim}")
+                if dist.is_main:  # before the feature file's rename, removed if that fails
+                    manifest_written = save_manifest(manifest, paths["manifest"])
+        except BaseException as exc:
+            if manifest_written is not None:
+                manifest_written.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise DecoupleError(
+                    f"{paths['out']}: no space left on device while writing features; "
+                    f"the temporary file was removed"
+                ) from None
+            raise
+        dist.barrier()
+    finally:
+        shutdown_distributed(dist)
+    return ExtractResult(
+        path=str(paths["out"]),
+        manifest_path=str(paths["manifest"]),
+        checkpoint_path=str(paths["checkpoint"]) if ft_config.epochs > 0 else None,
+        backbone=config.backbone,
+        img_size=img_size,
+        dim=dim,
+        num_classes=manifest.num_classes,
+        splits={name: len(items) for name, items in manifest.splits.items()},
+        weights_sha256=weights.sha256,
+        world_size=dist.world_size,
+        seconds=time.perf_counter() - started,
+        history=[asdict(row) for row in history],
+    )
+
+
+def _check_names(config: ExtractConfig) -> None:
+    """Fail on a bad name or file before any data is read."""
+    from .backbones import check_backbone
+    from .losses import LOSSES
+    from .samplers import SAMPLERS
+
+    check_backbone(config.backbone)
+    LOSSES.check(config.finetune.loss, where="--loss")
+    SAMPLERS.check(config.finetune.sampler, where="--sampler")
+    if config.pretrained and config.weights is not None:
+        raise ConfigError("--pretrained and --weights exclude each other; pass one")
+    if config.weights is not None and not Path(config.weights).is_file():
+        raise DecoupleError(f"--weights {config.weights}: no such file")
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
