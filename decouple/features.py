@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -97,6 +98,12 @@ def _open_for_reading(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
+        truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+        if truncated:
+            raise FeatureFileError(
+                f"{path}: HDF5 file is truncated ({truncated.group(1)} of {truncated.group(2)} bytes); "
+                f"expected a complete decouple-features v1 file"
+            ) from None
         reason = str(exc).split("(")[0].strip().rstrip(",") or "unreadable"
         raise FeatureFileError(
             f"{path}: cannot be read as HDF5 ({reason}); expected a decouple-features v1 file"

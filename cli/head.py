@@ -1,0 +1,70 @@
+"""`decouple head`: retrain one classifier head on a feature file and score it."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import click
+
+from cli.options import (
+    append_json_line,
+    check_output_path,
+    describe_result,
+    features_option,
+    shot_threshold_options,
+)
+
+
+@click.command("head")
+@features_option
+@click.option("--loss", default=None, metavar="NAME",
+              help="Long-tailed loss (`decouple list losses`); default ce for trainable heads.")
+@click.option("--sampler", default=None, metavar="NAME",
+              help="Re-sampler (`decouple list samplers`); default instance for trainable heads.")
+@click.option("--head", "head_name", default="linear", show_default=True, metavar="NAME",
+              help="Classifier head (`decouple list heads`).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs [30].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [0.1, SGD].")
+@click.option("--batch-size", type=int, default=None, help="Mini-batch size [512].")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer [sgd].")
+@click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
+@shot_threshold_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--output", default=None, metavar="results.jsonl",
+              help="Append the result to this file as one JSON line.")
+def head(
+    features_path: str,
+    loss: Optional[str],
+    sampler: Optional[str],
+    head_name: str,
+    seed: int,
+    epochs: Optional[int],
+    lr: Optional[float],
+    batch_size: Optional[int],
+    optimizer: Optional[str],
+    device: Optional[str],
+    many_threshold: int,
+    few_threshold: int,
+    as_json: bool,
+    output: Optional[str],
+) -> None:
+    """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
+    from decouple.stage_two import Cell, TrainConfig, fit_file
+
+    overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, device=device)
+    train = TrainConfig(
+        many_threshold=many_threshold,
+        few_threshold=few_threshold,
+        **{key: value for key, value in overrides.items() if value is not None},
+    )
+    check_output_path(output)
+    result = fit_file(features_path, Cell(head=head_name, loss=loss, sampler=sampler, seed=seed), train=train)
+    record = result.to_json()
+    if output is not None:
+        append_json_line(output, record)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        click.echo(describe_result(record))

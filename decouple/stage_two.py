@@ -1,0 +1,761 @@
+"""Stage two: retrain classifier heads on cached features, many at once.
+
+Kang et al., "Decoupling Representation and Classifier for Long-Tailed
+Recognition" (ICLR 2020): the representation is fixed and only the
+classifier is relearned, once per long-tailed loss, re-sampler and head.
+
+A *cell* is one (head, loss, sampler, seed). :func:`fit_cells` fits a list of
+cells on one :class:`~decouple.features.FeatureSet` and scores every split
+other than train. Gradient-trained cells that share a sampler, a seed and a
+weight family (``linear`` for the linear, tau_norm and lws heads; ``cosine``
+for the cosine head) train *together* in one pass over the features, the
+way DINOv2's linear probe trains many heads at once: the K heads' weights sit
+stacked in one (K * C, D) matrix, so one product X (B, D) @ W.T gives
+every head's logits, each head's loss is applied to its own slice and the
+summed losses are backpropagated. Heads share no parameter, so the gradient
+of head k is that of its own loss: this is K separate trainings on the same
+batches with the same initialisation, done in one pass. (The optimisers'
+updates are element-wise, so SGD and AdamW keep that equivalence.)
+
+Training details, chosen to work out of the box on any backbone's features:
+
+* Features are centred on the training mean and scaled so that the
+  root-mean-square norm of a training row is FEATURE_NORM (10); the learned
+  weights are mapped back to the original feature space afterwards. One
+  learning rate then suits any feature dimension and scale. (The cosine
+  head normalises the original, uncentred rows instead.)
+* Mini-batch SGD with momentum (or AdamW) under a cosine learning-rate
+  schedule, batches drawn from the sampler's ``epoch_indices()``.
+* After every epoch each head is scored on val (one matrix product for all
+  heads) by mean per-class accuracy; each head keeps its best epoch. The
+  choice is never made on test. Without a val split the last epoch is kept
+  and the result records ``"selected_on": "last_epoch"``.
+* The same seed gives the same numbers on the CPU: initial weights come from
+  ``seed``, batches from the sampler's (seed, epoch) draws, and torch's
+  global generator (used by the equalization loss) is seeded from ``seed``
+  inside the pass without disturbing the caller's. (Equalization's random
+  draws interleave with other heads' in a fused pass, so there it matches a
+  separate run in distribution, not bit for bit.)
+* On the CPU, small problems train on one thread (SMALL_STEP_MACS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConfigError, DecoupleError
+from .metrics import evaluate
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+# ---------------------------------------------------------------------------
+# Configuration and results.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How gradient-trained heads are trained and how results are grouped.
+
+    ``lr`` 0.1 is for SGD on the standardised features (row RMS norm
+    FEATURE_NORM = 10, see the module docstring); for AdamW use about 0.01.
+    ``device`` None means "cuda" when a GPU is visible, else "cpu".
+    ``many_threshold`` / ``few_threshold`` define the shot groups of the
+    metrics (many > 100, few < 20 training images by default).
+    """
+
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 512
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    device: Optional[str] = None
+    many_threshold: int = 100
+    few_threshold: int = 20
+
+    def validated(self) -> "TrainConfig":
+        """Self, after checking every field; a bad value is a ConfigError naming it."""
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"train setting {name} must be an integer >= 1; got {value!r}")
+        for name, low in (("lr", 0.0), ("weight_decay", None), ("momentum", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"train setting {name} must be a finite number; got {value!r}")
+            if name == "lr" and value <= 0:
+                raise ConfigError(f"train setting lr must be > 0; got {value!r}")
+            if name != "lr" and value < 0:
+                raise ConfigError(f"train setting {name} must be >= 0; got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"train setting optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
+            )
+        if self.few_threshold > self.many_threshold:
+            raise ConfigError(
+                f"train setting few_threshold ({self.few_threshold}) must not exceed "
+                f"many_threshold ({self.many_threshold})"
+            )
+        return self
+
+    def resolved_device(self) -> str:
+        """The torch device string training runs on."""
+        if self.device is not None:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as plain JSON values, device resolved."""
+        values = asdict(self)
+        values["device"] = self.resolved_device()
+        return values
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (head, loss, sampler, seed) to fit.
+
+    ``params`` holds per-method settings keyed by method name, as in a sweep
+    config's ``params:`` (e.g. ``{"focal": {"gamma": 2.0}, "knn": {"k": 10}}``);
+    only the entries of this cell's head, loss and sampler are used. When a
+    name is both a loss and a sampler (``class_balanced``) and the cell uses
+    both, each receives the keys it accepts.
+    """
+
+    head: str
+    loss: Optional[str] = None
+    sampler: Optional[str] = None
+    seed: int = 0
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class CellResult:
+    """The outcome of one cell: DESIGN.md's ``decouple head`` object."""
+
+    features: str
+    head: str
+    loss: Optional[str]
+    sampler: Optional[str]
+    seed: int
+    params: Dict[str, Any]
+    fit_seconds: float
+    metrics: Dict[str, Dict[str, Any]]
+
+    def to_json(self) -> Dict[str, Any]:
+        """The JSON object of DESIGN.md (plain dicts, lists, numbers, strings)."""
+        return {
+            "features": self.features,
+            "head": self.head,
+            "loss": self.loss,
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "params": _jsonable(self.params),
+            "fit_seconds": round(float(self.fit_seconds), 4),
+            "metrics": _jsonable(self.metrics),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(item) for item in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Cell validation and per-method parameters.
+# ---------------------------------------------------------------------------
+
+
+def validate_cell(cell: Cell) -> Cell:
+    """Check a cell's names and combination; return it with defaults filled in.
+
+    Unknown names raise UnknownNameError listing the known ones. A head that
+    needs no training (ncm, knn) takes no loss or sampler; a trainable head
+    without one gets ``"ce"`` and ``"instance"``.
+    """
+    from .heads import HEADS
+    from .losses import LOSSES
+    from .samplers import SAMPLERS
+
+    head_class = HEADS.get(cell.head)
+    seed = cell.seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
+    if not isinstance(cell.params, Mapping):
+        raise ConfigError(f"params must map method names to settings; got {type(cell.params).__name__}")
+    for name, settings in cell.params.items():
+        if not isinstance(settings, Mapping):
+            raise ConfigError(
+                f"params.{name} must be a mapping of settings; got {type(settings).__name__}"
+            )
+    if head_class.trainable:
+        loss = LOSSES.check(cell.loss if cell.loss is not None else "ce")
+        sampler = SAMPLERS.check(cell.sampler if cell.sampler is not None else "instance")
+    else:
+        for kind, value in (("loss", cell.loss), ("sampler", cell.sampler)):
+            if value is not None:
+                raise ConfigError(
+                    f"head {cell.head!r} is training-free and takes no {kind}; got {kind} {value!r} "
+                    f"(leave it out, or use a trainable head: "
+                    f"{', '.join(name for name in HEADS if HEADS.get(name).trainable)})"
+                )
+        loss = sampler = None
+    return replace(cell, loss=loss, sampler=sampler, seed=int(seed))
+
+
+def _accepts(registry, name: str) -> set:
+    return set(registry.parameters(name))
+
+
+def method_params(cell: Cell) -> Dict[str, Dict[str, Any]]:
+    """The settings for a validated cell's head, loss and sampler, as given (no defaults).
+
+    Returns ``{"head": {...}, "loss": {...}, "sampler": {...}}``.
+    """
+    from .losses import LOSSES
+    from .samplers import SAMPLERS
+
+    head_params = dict(cell.params.get(cell.head, {}))
+    loss_params = dict(cell.params.get(cell.loss, {})) if cell.loss else {}
+    sampler_params = dict(cell.params.get(cell.sampler, {})) if cell.sampler else {}
+    if cell.loss is not None and cell.loss == cell.sampler:
+        # One entry serves both: each takes the keys it accepts.
+        given = dict(cell.params.get(cell.loss, {}))
+        loss_keys = _accepts(LOSSES, cell.loss) - {"class_counts"}
+        sampler_keys = _accepts(SAMPLERS, cell.sampler) - {"labels", "total_epochs", "seed", "num_samples"}
+        unknown = sorted(set(given) - loss_keys - sampler_keys)
+        if unknown:
+            raise ConfigError(
+                f"params.{cell.loss}: neither the loss nor the sampler {cell.loss!r} takes "
+                f"{unknown[0]!r}; the loss takes: {', '.join(sorted(loss_keys)) or 'none'}; "
+                f"the sampler takes: {', '.join(sorted(sampler_keys)) or 'none'}"
+            )
+        loss_params = {key: value for key, value in given.items() if key in loss_keys}
+        sampler_params = {key: value for key, value in given.items() if key in sampler_keys}
+    return {"head": head_params, "loss": loss_params, "sampler": sampler_params}
+
+
+def _freeze(mapping: Mapping[str, Any]) -> Tuple:
+    return tuple(sorted((key, repr(value)) for key, value in mapping.items()))
+
+
+# ---------------------------------------------------------------------------
+# Prepared tensors and the fused trainer.
+# ---------------------------------------------------------------------------
+
+
+#: Root-mean-square norm of a standardised training row. With it the usual
+#: linear-probe settings (SGD, lr 0.1, weight decay 5e-4) work on the
+#: features of any backbone, whatever their dimension and scale.
+FEATURE_NORM = 10.0
+
+
+@dataclass
+class PreparedData:
+    """Training and val tensors on the training device, standardised once.
+
+    ``x`` (N, D) = (features - mean) * scale with mean the training mean (D,)
+    and scale such that the root-mean-square norm of a row of ``x`` is
+    FEATURE_NORM;
+    ``x_val`` likewise (or None). Labels are int64 tensors.
+    """
+
+    x: Any
+    y: Any
+    x_val: Any
+    y_val: Any
+    mean: Any
+    scale: float
+    num_classes: int
+    class_counts: np.ndarray
+    device: str
+    _normalized: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        features: np.ndarray,
+        labels: np.ndarray,
+        *,
+        val_features: Optional[np.ndarray] = None,
+        val_labels: Optional[np.ndarray] = None,
+        num_classes: Optional[int] = None,
+        device: str = "cpu",
+    ) -> "PreparedData":
+        import torch
+
+        labels = np.asarray(labels, dtype=np.int64)
+        num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+        mean = x.mean(dim=0)
+        x = x - mean
+        scale = float(FEATURE_NORM / math.sqrt(max(float(x.pow(2).sum(dim=1).mean()), 1e-12)))
+        x.mul_(scale)
+        x_val = y_val = None
+        if val_features is not None and val_labels is not None:
+            x_val = torch.as_tensor(np.asarray(val_features), dtype=torch.float32, device=device)
+            x_val = (x_val - mean).mul_(scale)
+            y_val = torch.as_tensor(np.asarray(val_labels, dtype=np.int64), device=device)
+        return cls(
+            x=x,
+            y=torch.as_tensor(labels, device=device),
+            x_val=x_val,
+            y_val=y_val,
+            mean=mean,
+            scale=scale,
+            num_classes=num_classes,
+            class_counts=np.bincount(labels, minlength=num_classes),
+            device=device,
+        )
+
+    def standardize(self, features: np.ndarray):
+        """(features - mean) * scale as a tensor on the device, (N, D)."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=self.device)
+        return (x - self.mean).mul_(self.scale)
+
+    def normalized(self, which: str):
+        """The original (uncentred) rows of train ("train") or val ("val")
+        scaled to unit L2 norm, (N, D); computed once."""
+        import torch.nn.functional as F
+
+        if which not in self._normalized:
+            source = self.x if which == "train" else self.x_val
+            self._normalized[which] = (
+                None if source is None else F.normalize(source / self.scale + self.mean, dim=1)
+            )
+        return self._normalized[which]
+
+
+@dataclass
+class TrainedWeights:
+    """One trained head of a fused pass, in the standardised feature space.
+
+    ``weight`` (C, D), ``bias`` (C,) or None (cosine family),
+    ``logit_scale`` (cosine family: logits = logit_scale * cos),
+    ``epoch`` the kept epoch (1-based), ``val_score`` its val mean per-class
+    accuracy (None without val), ``selected_on`` "val" or "last_epoch".
+    """
+
+    family: str
+    weight: Any
+    bias: Any
+    logit_scale: float
+    epoch: int
+    val_score: Optional[float]
+    selected_on: str
+    history: List[float] = field(default_factory=list)
+
+
+FAMILIES = ("linear", "cosine")
+
+
+def mean_class_score(predictions, labels, num_classes: int):
+    """Mean per-class accuracy of each column of ``predictions`` (N, K) -> (K,)."""
+    import torch
+
+    correct = (predictions == labels[:, None]).to(torch.float32)
+    totals = torch.zeros(num_classes, predictions.shape[1], device=predictions.device)
+    totals.index_add_(0, labels, correct)
+    support = torch.bincount(labels, minlength=num_classes).to(torch.float32)
+    present = support > 0
+    return (totals[present] / support[present, None]).mean(dim=0)
+
+
+#: Below this many multiply-adds per training step (B * D * K * C) a CPU
+#: trains on one thread: on small problems thread synchronisation costs more
+#: than it saves (tenfold on a busy 2-core machine).
+SMALL_STEP_MACS = 8_000_000
+
+
+@contextmanager
+def cpu_threads_for(device: str, macs_per_step: float):
+    """Run the block on one torch thread when ``device`` is the CPU and the
+    steps are small (SMALL_STEP_MACS); otherwise leave threading alone."""
+    import torch
+
+    if torch.device(device).type != "cpu" or macs_per_step >= SMALL_STEP_MACS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_heads(
+    data: PreparedData,
+    losses: Sequence[Any],
+    *,
+    sampler: Any,
+    family: str = "linear",
+    logit_scales: Optional[Sequence[float]] = None,
+    seed: int = 0,
+    train: TrainConfig = TrainConfig(),
+) -> List[TrainedWeights]:
+    """Train one head per loss in a single pass over ``data`` (the fused trainer).
+
+    ``losses``: K LongTailLoss modules; ``sampler``: a ClassSampler over the
+    training labels; ``family``: "linear" (logits = x W^T + b) or "cosine"
+    (logits = s_k * cos(x, w), ``logit_scales`` s_k per head). Every head
+    starts from the same weights drawn from ``seed``. Returns K
+    :class:`TrainedWeights`, each at its best val epoch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    train = train.validated()
+    if family not in FAMILIES:
+        raise ConfigError(f"head family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    num_heads = len(losses)
+    if num_heads == 0:
+        return []
+    device = data.device
+    num_classes = data.num_classes
+    dim = data.x.shape[1]
+    cosine = family == "cosine"
+    scales = torch.tensor(
+        list(logit_scales) if logit_scales is not None else [1.0] * num_heads,
+        dtype=torch.float32,
+        device=device,
+    ).repeat_interleave(num_classes)
+    x_train = data.normalized("train") if cosine else data.x
+    x_val = data.normalized("val") if cosine else data.x_val
+    has_val = x_val is not None
+
+    generator = torch.Generator().manual_seed(int(seed))
+    initial = torch.randn(num_classes, dim, generator=generator)
+    # Cosine weights start as unit vectors: their norm sets the step size of
+    # their direction. Linear weights start near zero (uniform logits).
+    initial = F.normalize(initial, dim=1) if cosine else initial.mul_(0.01 / FEATURE_NORM)
+    # (K * C, D), nn.Linear's layout: head k owns rows k*C .. (k+1)*C - 1.
+    weight = initial.repeat(num_heads, 1).to(device).requires_grad_(True)
+    parameters = [weight]
+    bias = None
+    if not cosine:
+        bias = torch.zeros(num_heads * num_classes, device=device, requires_grad=True)
+        parameters.append(bias)
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    losses = [loss.to(device) for loss in losses]
+
+    def logits_of(x):
+        if cosine:
+            return F.linear(x, F.normalize(weight, dim=1)) * scales
+        return F.linear(x, weight, bias)
+
+    num_rows = len(data.y)
+    steps_per_epoch = -(-num_rows // train.batch_size)
+    total_steps = train.epochs * steps_per_epoch
+    best_scores = torch.full((num_heads,), -1.0)
+    best_epochs = [train.epochs] * num_heads
+    best_weight = best_bias = None
+    histories: List[List[float]] = [[] for _ in range(num_heads)]
+    step = 0
+    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    # Seed torch's generator for losses that draw (equalization) without
+    # touching the caller's global random state.
+    macs_per_step = min(train.batch_size, num_rows) * dim * num_heads * num_classes
+    with torch.random.fork_rng(devices=cuda_devices), cpu_threads_for(device, macs_per_step):
+        torch.manual_seed(int(seed))
+        for epoch in range(train.epochs):
+            sampler.set_epoch(epoch)
+            for loss in losses:
+                loss.set_epoch(epoch, train.epochs)
+            order = sampler.epoch_indices().to(device)
+            for start in range(0, len(order), train.batch_size):
+                batch = order[start : start + train.batch_size]
+                lr = 0.5 * train.lr * (1.0 + math.cos(math.pi * step / total_steps))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logits = logits_of(x_train.index_select(0, batch))
+                target = data.y.index_select(0, batch)
+                # unbind: one backward op for all heads, where slicing would zero-fill K times.
+                per_head = logits.view(-1, num_heads, num_classes).unbind(1)
+                total = losses[0](per_head[0], target)
+                for k in range(1, num_heads):
+                    total = total + losses[k](per_head[k], target)
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                step += 1
+            if has_val:
+                with torch.no_grad():
+                    predictions = logits_of(x_val).view(-1, num_heads, num_classes).argmax(dim=2)
+                    scores = mean_class_score(predictions, data.y_val, num_classes).cpu()
+                improved = (scores > best_scores).nonzero().flatten().tolist()
+                for k in range(num_heads):
+                    histories[k].append(float(scores[k]))
+                if improved:
+                    with torch.no_grad():
+                        if best_weight is None:
+                            best_weight = weight.detach().clone()
+                            best_bias = None if bias is None else bias.detach().clone()
+                        else:
+                            for k in improved:
+                                block = slice(k * num_classes, (k + 1) * num_classes)
+                                best_weight[block] = weight[block]
+                                if bias is not None:
+                                    best_bias[block] = bias[block]
+                    for k in improved:
+                        best_scores[k] = scores[k]
+                        best_epochs[k] = epoch + 1
+    if not has_val:
+        best_weight = weight.detach()
+        best_bias = None if bias is None else bias.detach()
+    results = []
+    for k in range(num_heads):
+        block = slice(k * num_classes, (k + 1) * num_classes)
+        head_weight = best_weight[block].clone()
+        if cosine:
+            head_weight = F.normalize(head_weight, dim=1)
+        results.append(
+            TrainedWeights(
+                family=family,
+                weight=head_weight,
+                bias=None if best_bias is None else best_bias[block].clone(),
+                logit_scale=float(scales[k * num_classes]) if cosine else 1.0,
+                epoch=best_epochs[k],
+                val_score=float(best_scores[k]) if has_val else None,
+                selected_on="val" if has_val else "last_epoch",
+                history=histories[k],
+            )
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Fitting cells.
+# ---------------------------------------------------------------------------
+
+
+def _label_of(feature_set) -> str:
+    return str(feature_set.path) if feature_set.path is not None else "<in memory>"
+
+
+def _score_head(head, feature_set, train: TrainConfig) -> Dict[str, Dict[str, Any]]:
+    counts = feature_set.train_counts
+    metrics = {}
+    for name in feature_set.eval_splits:
+        split = feature_set.splits[name]
+        scores = head.decision_function(split.features)
+        metrics[name] = evaluate(
+            split.labels,
+            scores,
+            counts,
+            many_threshold=train.many_threshold,
+            few_threshold=train.few_threshold,
+        )
+    return metrics
+
+
+@dataclass
+class _Plan:
+    """A validated cell with its head object and resolved settings."""
+
+    index: int
+    cell: Cell
+    head: Any
+    settings: Dict[str, Dict[str, Any]]
+    weight_index: int = -1  # which of its group's trained weights it uses
+
+
+def fit_cells(
+    feature_set,
+    cells: Sequence[Cell],
+    *,
+    train: TrainConfig = TrainConfig(),
+    on_result: Optional[Callable[[CellResult], None]] = None,
+    progress: bool = False,
+) -> List[CellResult]:
+    """Fit every cell on ``feature_set`` and score every split but train.
+
+    Gradient-trained cells sharing (sampler, sampler settings, seed, weight
+    family) train in one fused pass (module docstring); cells whose weights
+    would be identical (e.g. linear, tau_norm and lws with the same loss)
+    share them. A fused pass's wall time is shared equally by the weights it
+    trains. ``on_result`` is called with each result as it is ready; the
+    returned list follows the order of ``cells``. All cells are validated
+    before any training starts.
+    """
+    from .heads import create_head
+
+    train = train.validated()
+    device = train.resolved_device()
+    plans: List[_Plan] = []
+    for index, cell in enumerate(cells):
+        cell = validate_cell(cell)
+        settings = method_params(cell)
+        head = create_head(cell.head, **settings["head"])
+        plans.append(_Plan(index=index, cell=cell, head=head, settings=settings))
+    # Build every loss and sampler once up front so a bad setting fails before training.
+    counts = feature_set.train_counts
+    for plan in plans:
+        if plan.head.trainable:
+            plan.head.check_settings(
+                plan.cell.loss, plan.cell.sampler, plan.settings, class_counts=counts, train=train
+            )
+
+    results: List[Optional[CellResult]] = [None] * len(plans)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plans), unit="cell", desc=_label_of(feature_set), leave=False)
+
+    def finish(plan: _Plan, seconds: float) -> None:
+        metrics = _score_head(plan.head, feature_set, train)
+        params = {
+            "head": plan.head.get_params(),
+            **plan.head.selection_(),
+        }
+        if plan.head.trainable:
+            params["loss"] = plan.head.loss_params_
+            params["sampler"] = plan.head.sampler_params_
+            params["train"] = train.to_dict()
+        result = CellResult(
+            features=_label_of(feature_set),
+            head=plan.cell.head,
+            loss=plan.cell.loss,
+            sampler=plan.cell.sampler,
+            seed=plan.cell.seed,
+            params=params,
+            fit_seconds=seconds,
+            metrics=metrics,
+        )
+        results[plan.index] = result
+        if on_result is not None:
+            on_result(result)
+        if bar is not None:
+            bar.update(1)
+
+    train_split = feature_set.splits["train"]
+    val_split = feature_set.splits.get("val")
+    data = None
+    groups: Dict[Tuple, List[_Plan]] = {}
+    for plan in plans:
+        if not plan.head.trainable:
+            start = time.perf_counter()
+            plan.head.fit(
+                train_split.features,
+                train_split.labels,
+                num_classes=feature_set.num_classes,
+            )
+            finish(plan, time.perf_counter() - start)
+            continue
+        key = (
+            plan.cell.sampler,
+            _freeze(plan.settings["sampler"]),
+            plan.cell.seed,
+            plan.head.weight_family(),
+        )
+        groups.setdefault(key, []).append(plan)
+
+    try:
+        for (sampler_name, _, seed, family_key), members in groups.items():
+            if data is None:
+                data = PreparedData.from_arrays(
+                    train_split.features,
+                    train_split.labels,
+                    val_features=None if val_split is None else val_split.features,
+                    val_labels=None if val_split is None else val_split.labels,
+                    num_classes=feature_set.num_classes,
+                    device=device,
+                )
+            _fit_group(data, members, sampler_name, seed, family_key, train, finish)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [result for result in results if result is not None]
+
+
+def _fit_group(data, members, sampler_name, seed, family_key, train, finish) -> None:
+    from .losses import create_loss
+    from .samplers import create_sampler
+
+    start = time.perf_counter()
+    # Weights are shared by cells whose loss and loss settings agree.
+    weight_keys: Dict[Tuple, int] = {}
+    losses = []
+    logit_scales = []
+    for plan in members:
+        loss_params = plan.head.training_loss_params(plan.cell.loss, plan.settings["loss"])
+        key = (plan.cell.loss, _freeze(loss_params))
+        if key not in weight_keys:
+            weight_keys[key] = len(losses)
+            losses.append(create_loss(plan.cell.loss, class_counts=data.class_counts, **loss_params))
+            logit_scales.append(plan.head.training_logit_scale(losses[-1]))
+        plan.weight_index = weight_keys[key]
+    sampler = create_sampler(
+        sampler_name,
+        data.y.cpu().numpy(),
+        total_epochs=train.epochs,
+        seed=seed,
+        **members[0].settings["sampler"],
+    )
+    trained = train_heads(
+        data,
+        losses,
+        sampler=sampler,
+        family=family_key[0],
+        logit_scales=logit_scales,
+        seed=seed,
+        train=train,
+    )
+    shared_seconds = (time.perf_counter() - start) / max(len(trained), 1)
+    for plan in members:
+        own_start = time.perf_counter()
+        plan.head.fit_from_weights(
+            trained[plan.weight_index],
+            data,
+            loss=plan.cell.loss,
+            sampler=plan.cell.sampler,
+            loss_params=plan.settings["loss"],
+            sampler_params=plan.settings["sampler"],
+            seed=seed,
+            train=train,
+        )
+        finish(plan, shared_seconds + time.perf_counter() - own_start)
+
+
+def fit_cell(feature_set, cell: Cell, *, train: TrainConfig = TrainConfig()) -> CellResult:
+    """Fit and score one cell (:func:`fit_cells` with a single cell)."""
+    return fit_cells(feature_set, [cell], train=train)[0]
+
+
+def fit_file(path, cell: Cell, *, train: TrainConfig = TrainConfig()) -> CellResult:
+    """Validate ``cell`` and ``train``, read the feature file at ``path`` and fit the cell.
+
+    Names and settings are checked before the file is read, so a typo fails at once.
+    """
+    from .features import read_features
+
+    cell = validate_cell(cell)
+    train = train.validated()
+    return fit_cell(read_features(path), cell, train=train)

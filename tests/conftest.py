@@ -1,0 +1,33 @@
+"""Shared fixtures: a long-tailed Gaussian feature set and its HDF5 file.
+
+``gaussian_long_tailed()`` defaults: 20 classes in 32 dimensions, training
+counts 500 down to 5 on the exponential profile (imbalance factor 100),
+balanced val (50 per class) and test (100 per class).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from decouple.features import write_features
+from decouple.synthetic import gaussian_long_tailed
+
+
+@pytest.fixture(scope="session")
+def gaussian_data():
+    """(FeatureSet, true class means (C, D)) of the default Gaussian long-tailed data."""
+    return gaussian_long_tailed()
+
+
+@pytest.fixture(scope="session")
+def gaussian_feature_set(gaussian_data):
+    """The default Gaussian long-tailed FeatureSet (train, val, test)."""
+    return gaussian_data[0]
+
+
+@pytest.fixture(scope="session")
+def gaussian_features(gaussian_data, tmp_path_factory):
+    """Path (str) of the default Gaussian long-tailed data written as a v1 feature file."""
+    path = tmp_path_factory.mktemp("features") / "gaussian_lt.h5"
+    write_features(path, gaussian_data[0])
+    return str(path)

@@ -1,0 +1,77 @@
+"""`decouple head`, `decouple info` and `decouple list` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from cli.main import cli
+
+
+def _run(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_head_json_is_designs_object_and_output_appends(tmp_path, gaussian_features):
+    output = tmp_path / "results.jsonl"
+    args = ["head", "--features", gaussian_features, "--loss", "balanced_softmax", "--epochs", "3",
+            "--json", "--output", str(output)]
+    printed = json.loads(_run(args))
+    assert list(printed) == ["features", "head", "loss", "sampler", "seed", "params", "fit_seconds", "metrics"]
+    assert (printed["head"], printed["loss"], printed["sampler"], printed["seed"]) == (
+        "linear", "balanced_softmax", "instance", 0)
+    assert printed["features"] == gaussian_features
+    assert set(printed["metrics"]) == {"val", "test"}
+    assert printed["params"]["train"]["epochs"] == 3
+    _run(["head", "--features", gaussian_features, "--head", "ncm", "--output", str(output)])
+    lines = output.read_text().splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[0]) == printed
+    second = json.loads(lines[1])
+    assert second["head"] == "ncm" and second["loss"] is None and second["sampler"] is None
+
+
+def test_head_prints_a_table(gaussian_features):
+    text = _run(["head", "--features", gaussian_features, "--head", "tau_norm", "--epochs", "3", "--seed", "2"])
+    assert "tau_norm head, loss ce, sampler instance, seed 2" in text
+    header = next(line for line in text.splitlines() if line.startswith("split"))
+    assert header.split() == ["split", "n", "top1", "top5", "macro_f1", "many", "medium", "few"]
+    assert any(line.startswith("test ") for line in text.splitlines())
+
+
+def test_info_prints_splits_counts_and_groups(gaussian_features):
+    text = _run(["info", gaussian_features])
+    assert "classes: 20" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] in (["train"], ["val"], ["test"])}
+    assert rows == {"train": ["2295", "32"], "val": ["1000", "32"], "test": ["2000", "32"]}
+    assert "max 500, min 5, imbalance factor 100.0" in text
+    assert "many 7 (> 100), medium 7 (20..100), few 6 (< 20)" in text
+    summary = json.loads(_run(["info", gaussian_features, "--json"]))
+    assert summary["splits"]["test"] == {"n": 2000, "dim": 32}
+
+
+def test_list_prints_one_line_per_entry():
+    lines = _run(["list", "heads"]).splitlines()
+    assert [line.split()[0] for line in lines] == ["linear", "cosine", "tau_norm", "lws", "ncm", "knn"]
+    assert len(_run(["list", "losses"]).splitlines()) == 8
+    assert len(_run(["list", "samplers"]).splitlines()) == 4
+    everything = _run(["list"])
+    assert "losses:" in everything and "samplers:" in everything and "heads:" in everything
+
+
+def test_help_imports_neither_torch_nor_faiss():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cli.main import cli\n"
+        "for command in ([], ['head'], ['info'], ['list']):\n"
+        "    assert CliRunner().invoke(cli, command + ['--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'faiss', 'h5py') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,117 @@
+"""Heads: registry, the scikit-learn estimator contract, and each head's rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from decouple.errors import ConfigError, UnknownNameError
+from decouple.heads import DEFAULT_TAUS, HEADS, create_head, list_heads
+from decouple.stage_two import TrainConfig
+
+FAST = TrainConfig(epochs=5, device="cpu")
+
+
+def _fit(name, feature_set, head=None, **params):
+    train, val = feature_set.splits["train"], feature_set.splits["val"]
+    head = head if head is not None else create_head(name, **params)
+    if head.trainable:
+        return head.fit(train.features, train.labels, X_val=val.features, y_val=val.labels,
+                        loss="balanced_softmax", train=FAST)
+    return head.fit(train.features, train.labels)
+
+
+def test_registry_lists_the_six_heads():
+    assert [name for name, _ in list_heads()] == ["linear", "cosine", "tau_norm", "lws", "ncm", "knn"]
+    assert all(description for _, description in list_heads())
+    assert {name for name in HEADS if HEADS.get(name).trainable} == {"linear", "cosine", "tau_norm", "lws"}
+
+
+def test_unknown_head_and_parameter():
+    with pytest.raises(UnknownNameError, match="unknown head 'nmc'.*did you mean 'ncm'.*known heads: linear"):
+        create_head("nmc")
+    with pytest.raises(ConfigError, match="knn.*takes no parameter 'n_neighbors'"):
+        create_head("knn", n_neighbors=3)
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_estimator_contract(name, gaussian_feature_set):
+    head = create_head(name)
+    assert not [key for key in vars(head) if key.endswith("_")]  # __init__ only stores parameters
+    assert head.get_params() == {key: _as_list(value) for key, value in HEADS.parameters(name).items()}
+    fitted = _fit(name, gaussian_feature_set, head)
+    assert fitted is head
+    test = gaussian_feature_set.splits["test"]
+    scores = head.decision_function(test.features)
+    assert scores.shape == (len(test), gaussian_feature_set.num_classes)
+    assert np.isfinite(scores).all()
+    predictions = head.predict(test.features)
+    assert predictions.shape == (len(test),)
+    np.testing.assert_array_equal(predictions, scores.argmax(axis=1))
+    assert (predictions == test.labels).mean() > 0.3  # chance is 0.05
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_linear_coefficients_live_in_the_original_feature_space(gaussian_feature_set):
+    head = _fit("linear", gaussian_feature_set)
+    X = gaussian_feature_set.splits["test"].features
+    np.testing.assert_allclose(head.decision_function(X), X @ head.coef_.T + head.intercept_, rtol=1e-5)
+    assert head.coef_.shape == (20, 32) and head.intercept_.shape == (20,)
+
+
+def test_tau_norm_chooses_tau_on_val_from_the_grid(gaussian_feature_set):
+    head = _fit("tau_norm", gaussian_feature_set)
+    assert head.tau_ in DEFAULT_TAUS
+    assert len(head.tau_scores_) == len(DEFAULT_TAUS)
+    assert head.tau_scores_[DEFAULT_TAUS.index(head.tau_)] == max(head.tau_scores_)
+    fixed = _fit("tau_norm", gaussian_feature_set, taus=[0.0])
+    norms = np.linalg.norm(fixed.coef_, axis=1)
+    assert fixed.tau_ == 0.0 and norms.std() > 0
+    unit = _fit("tau_norm", gaussian_feature_set, taus=[1.0])
+    norms = np.linalg.norm(unit.coef_, axis=1)
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-4)  # tau = 1: equal norms
+
+
+def test_lws_learns_one_scale_per_class(gaussian_feature_set):
+    head = _fit("lws", gaussian_feature_set)
+    assert head.scales_.shape == (20,)
+    assert not np.allclose(head.scales_, 1.0)
+
+
+def test_ncm_is_nearest_normalised_class_mean(gaussian_feature_set):
+    train, test = gaussian_feature_set.splits["train"], gaussian_feature_set.splits["test"]
+    head = _fit("ncm", gaussian_feature_set)
+    normalised = train.features / np.linalg.norm(train.features, axis=1, keepdims=True)
+    means = np.stack([normalised[train.labels == c].mean(axis=0) for c in range(20)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    queries = test.features / np.linalg.norm(test.features, axis=1, keepdims=True)
+    np.testing.assert_allclose(head.decision_function(test.features), queries @ means.T, atol=1e-5)
+    l2 = _fit("ncm", gaussian_feature_set, metric="l2")
+    assert (l2.predict(test.features) == test.labels).mean() > 0.6
+    with pytest.raises(ConfigError, match="metric"):
+        _fit("ncm", gaussian_feature_set, metric="manhattan")
+
+
+def test_knn_votes_of_the_k_nearest(gaussian_feature_set):
+    train, test = gaussian_feature_set.splits["train"], gaussian_feature_set.splits["test"]
+    one = _fit("knn", gaussian_feature_set, k=1)
+    normalised = train.features / np.linalg.norm(train.features, axis=1, keepdims=True)
+    queries = test.features[:50] / np.linalg.norm(test.features[:50], axis=1, keepdims=True)
+    nearest = train.labels[(queries @ normalised.T).argmax(axis=1)]
+    np.testing.assert_array_equal(one.predict(test.features[:50]), nearest)
+    scores = _fit("knn", gaussian_feature_set, k=7).decision_function(test.features)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    assert ((scores > 0).sum(axis=1) <= 7).all()
+    with pytest.raises(ConfigError, match="k of knn"):
+        _fit("knn", gaussian_feature_set, k=0)
+
+
+def test_cosine_head_scores_are_scaled_cosines(gaussian_feature_set):
+    head = _fit("cosine", gaussian_feature_set, scale=10.0)
+    X = gaussian_feature_set.splits["test"].features
+    scores = head.decision_function(X)
+    assert np.abs(scores).max() <= 10.0 + 1e-4
+    np.testing.assert_allclose(np.linalg.norm(head.coef_, axis=1), 1.0, rtol=1e-5)
