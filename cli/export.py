@@ -1,0 +1,91 @@
+"""`decouple export`: tables (csv, markdown, latex, json, html) and plots from a results database."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import click
+
+FORMATS = ("csv", "markdown", "latex", "json", "html")
+
+
+def _split_commas(values: Sequence[str]) -> Optional[list]:
+    items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+    return items or None
+
+
+@click.command("export")
+@click.option("--db", default="results.db", show_default=True, metavar="FILE", help="Results database of a sweep.")
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="markdown", show_default=True)
+@click.option("--out", "-o", default=None, metavar="FILE", help="Write here (atomically) instead of stdout.")
+@click.option("--summary/--cells", default=None,
+              help="Summary table (mean ± std over seeds per method) or one row per cell and split. "
+                   "Default: per cell for csv and json, summary for markdown, latex and html.")
+@click.option("--metrics", multiple=True, metavar="LIST",
+              help="Table columns, comma-separated: top1, top5, macro_f1, mean_class_acc, many, medium, few "
+                   "[default: top1,macro_f1,many,medium,few].")
+@click.option("--splits", multiple=True, metavar="LIST",
+              help="Evaluated splits, comma-separated, e.g. test,test_lt [default: every split but val].")
+@click.option("--rows", multiple=True, metavar="LIST",
+              help="Fields naming a table row, from features, head, loss, sampler [default: those that vary].")
+@click.option("--features", "features", multiple=True, metavar="NAME", help="Only this feature file (name or path); repeatable.")
+@click.option("--head", "heads", multiple=True, metavar="NAME", help="Only this head; repeatable.")
+@click.option("--loss", "losses", multiple=True, metavar="NAME", help="Only this loss ('none' for ncm/knn); repeatable.")
+@click.option("--sampler", "samplers", multiple=True, metavar="NAME", help="Only this sampler; repeatable.")
+@click.option("--seed", "seeds", multiple=True, type=int, metavar="N", help="Only this seed; repeatable.")
+@click.option("--percent/--fraction", default=True, show_default=True, help="Show accuracies in % or as fractions.")
+@click.option("--digits", default=1, show_default=True, type=click.IntRange(0, 6), help="Decimals shown in tables.")
+@click.option("--plots", "plots_dir", default=None, metavar="DIR",
+              help="Also write per-class-accuracy and many/medium/few plots (PNG and SVG) here.")
+def export(
+    db: str,
+    format_: str,
+    out: Optional[str],
+    summary: Optional[bool],
+    metrics: Tuple[str, ...],
+    splits: Tuple[str, ...],
+    rows: Tuple[str, ...],
+    features: Tuple[str, ...],
+    heads: Tuple[str, ...],
+    losses: Tuple[str, ...],
+    samplers: Tuple[str, ...],
+    seeds: Tuple[int, ...],
+    percent: bool,
+    digits: int,
+    plots_dir: Optional[str],
+) -> None:
+    """Tables and plots from a sweep's results database."""
+    from decouple.errors import DecoupleError
+    from decouple.export import render, write_text_atomic
+    from decouple.results import load_records
+
+    records = load_records(
+        db,
+        features=features or None,
+        heads=heads or None,
+        losses=losses or None,
+        samplers=samplers or None,
+        seeds=seeds or None,
+    )
+    if not records:
+        raise DecoupleError(f"{db}: no cells match the selection (--features/--head/--loss/--sampler/--seed)")
+    text = render(
+        records,
+        format=format_,
+        summary=summary,
+        metrics=_split_commas(metrics),
+        splits=_split_commas(splits),
+        rows=_split_commas(rows),
+        percent=percent,
+        digits=digits,
+    )
+    if plots_dir is not None:
+        from decouple.plots import export_plots
+
+        written = export_plots(records, plots_dir, splits=_split_commas(splits), rows=_split_commas(rows))
+        click.echo(f"wrote {len(written)} plot files to {plots_dir}", err=True)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+        click.echo(f"wrote {out}", err=True)

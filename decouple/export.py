@@ -1,0 +1,516 @@
+"""Export a results database: per-cell rows (CSV, JSON) and the study's
+summary table (CSV, JSON, Markdown, LaTeX, HTML).
+
+Per-cell layout (DESIGN.md "Export"): one row per cell and evaluated split,
+columns ``features, head, loss, sampler, seed, split, n, top1, top5,
+macro_f1, many, medium, few`` and more; an empty group is an empty field.
+The JSON of the per-cell layout is the list of stored cells, each like
+``decouple head --json`` plus its provenance; both read back equal to the
+database.
+
+Summary layout: one row per method (the fields among features, head, loss
+and sampler that vary in the selection, or those named by ``rows``), one
+column per evaluated split and metric, each the mean and sample standard
+deviation over seeds; the best mean of each column is marked (bold in
+Markdown, LaTeX and HTML; ``best`` in CSV and JSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import DecoupleError
+from .results import METRIC_COLUMNS, CellRecord
+
+FORMATS = ("csv", "markdown", "latex", "json", "html")
+METHOD_FIELDS = ("features", "head", "loss", "sampler")
+CELL_COLUMNS = (
+    "features", "features_name", "backbone", "head", "loss", "sampler", "seed", "split", "n",
+    *METRIC_COLUMNS, "fit_seconds", "cell_key",
+)
+DEFAULT_METRICS = ("top1", "macro_f1", "many", "medium", "few")
+# Splits used to choose epochs / tau; left out of tables unless asked for.
+SELECTION_SPLITS = ("val",)
+METRIC_LABELS = {
+    "top1": "Acc", "top5": "Top-5", "macro_f1": "Macro-F1", "mean_class_acc": "Mean class acc",
+    "many": "Many", "medium": "Medium", "few": "Few",
+}
+NONE_TEXT = "–"
+
+
+# ---------------------------------------------------------------------------
+# Per-cell rows.
+# ---------------------------------------------------------------------------
+
+
+def cell_rows(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """One dict per cell and evaluated split: identity, n, every metric, timing."""
+    rows = []
+    for record in records:
+        for split, values in record.metrics.items():
+            if splits is not None and split not in splits:
+                continue
+            row: Dict[str, Any] = {
+                "features": record.features,
+                "features_name": record.features_name,
+                "backbone": record.backbone,
+                "head": record.head,
+                "loss": record.loss,
+                "sampler": record.sampler,
+                "seed": record.seed,
+                "split": split,
+                "n": values["n"],
+            }
+            for name in METRIC_COLUMNS:
+                row[name] = values.get(name)
+            for name, value in values.items():
+                if name not in row and name != "per_class" and _is_number(value):
+                    row[name] = value
+            row["fit_seconds"] = record.fit_seconds
+            row["cell_key"] = record.cell_key
+            rows.append(row)
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def cells_csv(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> str:
+    """The per-cell CSV: floats written with repr precision, None as an empty field."""
+    rows = cell_rows(records, splits=splits)
+    columns = list(CELL_COLUMNS)
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in columns})
+    return buffer.getvalue()
+
+
+def cells_json(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> str:
+    """Every stored cell as JSON (a list), metrics limited to ``splits`` if given."""
+    out = []
+    for record in records:
+        data = record.to_json()
+        if splits is not None:
+            data["metrics"] = {split: values for split, values in record.metrics.items() if split in splits}
+        out.append(data)
+    return json.dumps(out, indent=1, allow_nan=False) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The summary table.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof 1; None for one seed) over seeds."""
+
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> "Stat":
+        present = [float(value) for value in values if value is not None]
+        if not present:
+            return cls(None, None, 0)
+        mean = math.fsum(present) / len(present)
+        if len(present) < 2:
+            return cls(mean, None, len(present))
+        variance = math.fsum((value - mean) ** 2 for value in present) / (len(present) - 1)
+        return cls(mean, math.sqrt(variance), len(present))
+
+
+@dataclass
+class SummaryRow:
+    method: Dict[str, Optional[str]]  # row field -> value
+    seeds: List[int]
+    stats: Dict[Tuple[str, str], Stat]  # (split, metric) -> Stat
+    records: List[CellRecord] = field(default_factory=list, repr=False)
+
+    def label(self, fields: Sequence[str]) -> str:
+        return " / ".join(self.method[name] or NONE_TEXT for name in fields)
+
+
+@dataclass
+class SummaryTable:
+    row_fields: List[str]
+    columns: List[Tuple[str, str]]  # (split, metric)
+    rows: List[SummaryRow]
+    best: Dict[Tuple[str, str], List[int]]  # column -> indices of the best rows
+
+    @property
+    def splits(self) -> List[str]:
+        seen: List[str] = []
+        for split, _ in self.columns:
+            if split not in seen:
+                seen.append(split)
+        return seen
+
+    @property
+    def metrics(self) -> List[str]:
+        seen: List[str] = []
+        for _, metric in self.columns:
+            if metric not in seen:
+                seen.append(metric)
+        return seen
+
+
+def method_of(record: CellRecord) -> Dict[str, Optional[str]]:
+    return {"features": record.features_name, "head": record.head, "loss": record.loss, "sampler": record.sampler}
+
+
+def available_splits(records: Sequence[CellRecord]) -> List[str]:
+    seen: List[str] = []
+    for record in records:
+        for split in record.metrics:
+            if split not in seen:
+                seen.append(split)
+    return seen
+
+
+def available_metrics(records: Sequence[CellRecord]) -> List[str]:
+    seen: List[str] = list(METRIC_COLUMNS)
+    for record in records:
+        for values in record.metrics.values():
+            for name, value in values.items():
+                if name not in seen and name not in ("n", "per_class") and _is_number(value):
+                    seen.append(name)
+    return seen
+
+
+def resolve_splits(records: Sequence[CellRecord], splits: Optional[Sequence[str]]) -> List[str]:
+    """The splits asked for (checked), or every evaluated split but val."""
+    present = available_splits(records)
+    if splits:
+        for split in splits:
+            if split not in present:
+                raise DecoupleError(
+                    f"split {split!r} is not in the results; evaluated splits: {', '.join(present)}"
+                )
+        return list(splits)
+    chosen = [split for split in present if split not in SELECTION_SPLITS]
+    return chosen or present
+
+
+def resolve_metrics(records: Sequence[CellRecord], metrics: Optional[Sequence[str]]) -> List[str]:
+    known = available_metrics(records)
+    if not metrics:
+        return list(DEFAULT_METRICS)
+    for metric in metrics:
+        if metric not in known:
+            import difflib
+
+            close = difflib.get_close_matches(metric, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DecoupleError(f"unknown metric {metric!r}{hint}; known metrics: {', '.join(known)}")
+    return list(metrics)
+
+
+def _varying_fields(records: Sequence[CellRecord]) -> List[str]:
+    return [name for name in METHOD_FIELDS if len({method_of(record)[name] for record in records}) > 1]
+
+
+def summarize(
+    records: Sequence[CellRecord],
+    *,
+    metrics: Optional[Sequence[str]] = None,
+    splits: Optional[Sequence[str]] = None,
+    rows: Optional[Sequence[str]] = None,
+    digits: Optional[int] = None,
+    scale: float = 1.0,
+) -> SummaryTable:
+    """Aggregate cells over seeds into one row per method.
+
+    ``rows`` names the method fields that label a row (default: those that
+    vary); a field left out must not vary, so only seeds are ever averaged.
+    ``digits`` / ``scale``: the best of a column is found on the values as
+    displayed (``round(mean * scale, digits)``), so ties at that precision
+    are all marked.
+    """
+    if not records:
+        raise DecoupleError("no cells match the selection; nothing to export")
+    splits = resolve_splits(records, splits)
+    metrics = resolve_metrics(records, metrics)
+    varying = _varying_fields(records)
+    if rows:
+        for name in rows:
+            if name not in METHOD_FIELDS:
+                raise DecoupleError(f"unknown row field {name!r}; known: {', '.join(METHOD_FIELDS)}")
+        hidden = [name for name in varying if name not in rows]
+        if hidden:
+            values = sorted({str(method_of(record)[hidden[0]]) for record in records})
+            raise DecoupleError(
+                f"rows {', '.join(rows)} would average over {hidden[0]} ({', '.join(values)}); "
+                f"add {hidden[0]} to the rows or select one {hidden[0]}"
+            )
+        row_fields = list(rows)
+    else:
+        row_fields = varying or ["head", "loss"]
+    groups: Dict[Tuple, List[CellRecord]] = {}
+    for record in records:
+        key = tuple(method_of(record)[name] for name in row_fields)
+        groups.setdefault(key, []).append(record)
+    columns = [(split, metric) for split in splits for metric in metrics]
+    table_rows = []
+    for key, members in groups.items():
+        stats = {
+            (split, metric): Stat.of(
+                record.metrics[split].get(metric) for record in members if split in record.metrics
+            )
+            for split, metric in columns
+        }
+        table_rows.append(
+            SummaryRow(
+                method=dict(zip(row_fields, key)),
+                seeds=sorted({record.seed for record in members}),
+                stats=stats,
+                records=list(members),
+            )
+        )
+    best: Dict[Tuple[str, str], List[int]] = {}
+    for column in columns:
+        shown = [
+            None if row.stats[column].mean is None
+            else (round(row.stats[column].mean * scale, digits) if digits is not None else row.stats[column].mean)
+            for row in table_rows
+        ]
+        present = [value for value in shown if value is not None]
+        if len(present) >= 2:
+            top = max(present)
+            best[column] = [index for index, value in enumerate(shown) if value == top]
+    return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best)
+
+
+# ---------------------------------------------------------------------------
+# Rendering.
+# ---------------------------------------------------------------------------
+
+
+def _number(value: Optional[float], scale: float, digits: int) -> str:
+    return NONE_TEXT if value is None else f"{value * scale:.{digits}f}"
+
+
+def _header_label(field_name: str) -> str:
+    return {"features": "Features", "head": "Head", "loss": "Loss", "sampler": "Sampler"}[field_name]
+
+
+def _metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
+    header = [_header_label(name) for name in table.row_fields] + [
+        f"{split} {_metric_label(metric)}" for split, metric in table.columns
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(
+        [" --- "] * len(table.row_fields) + [" ---: "] * len(table.columns)
+    ) + "|"]
+    for index, row in enumerate(table.rows):
+        cells = [(row.method[name] or NONE_TEXT) for name in table.row_fields]
+        for column in table.columns:
+            stat = row.stats[column]
+            text = _number(stat.mean, scale, digits)
+            if stat.std is not None:
+                text += f" ± {_number(stat.std, scale, digits)}"
+            if index in table.best.get(column, ()):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _footnote(table, scale) + "\n"
+
+
+def _footnote(table: SummaryTable, scale: float) -> str:
+    seeds = sorted({len(row.seeds) for row in table.rows})
+    unit = "%" if scale == 100.0 else "fraction"
+    seed_text = "/".join(str(count) for count in seeds)
+    return f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; best mean per column in bold."
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
+    """A booktabs tabular: a column group per split, best of each column in bold."""
+    metrics = table.metrics
+    splits = table.splits
+    spec = "l" * len(table.row_fields) + "".join("r" * len(metrics) for _ in splits)
+    lines = [
+        "% requires \\usepackage{booktabs}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+    ]
+    first = len(table.row_fields) + 1
+    group_header = [""] * len(table.row_fields)
+    rules = []
+    for index, split in enumerate(splits):
+        group_header.append(f"\\multicolumn{{{len(metrics)}}}{{c}}{{{latex_escape(split)}}}")
+        start = first + index * len(metrics)
+        rules.append(f"\\cmidrule(lr){{{start}-{start + len(metrics) - 1}}}")
+    lines.append(" & ".join(group_header) + " \\\\")
+    lines.append(" ".join(rules))
+    header = [latex_escape(_header_label(name)) for name in table.row_fields]
+    header += [latex_escape(_metric_label(metric)) for _ in splits for metric in metrics]
+    lines.append(" & ".join(header) + " \\\\")
+    lines.append("\\midrule")
+    for index, row in enumerate(table.rows):
+        cells = [latex_escape(row.method[name] or "--") for name in table.row_fields]
+        for column in table.columns:
+            stat = row.stats[column]
+            mean = "--" if stat.mean is None else _number(stat.mean, scale, digits)
+            if index in table.best.get(column, ()):
+                mean = f"\\textbf{{{mean}}}"
+            if stat.std is not None:
+                mean += f"{{\\scriptsize$\\pm${_number(stat.std, scale, digits)}}}"
+            cells.append(mean)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
+    """A standalone <table>: a header group per split, best of each column in <strong>."""
+    esc = html.escape
+    metrics, splits = table.metrics, table.splits
+    out = ['<table class="decouple-results">', "<thead>", "<tr>"]
+    for name in table.row_fields:
+        out.append(f'<th rowspan="2">{esc(_header_label(name))}</th>')
+    for split in splits:
+        out.append(f'<th colspan="{len(metrics)}">{esc(split)}</th>')
+    out += ["</tr>", "<tr>"]
+    out += [f"<th>{esc(_metric_label(metric))}</th>" for _ in splits for metric in metrics]
+    out += ["</tr>", "</thead>", "<tbody>"]
+    for index, row in enumerate(table.rows):
+        out.append("<tr>")
+        out += [f"<td>{esc(row.method[name] or NONE_TEXT)}</td>" for name in table.row_fields]
+        for column in table.columns:
+            stat = row.stats[column]
+            text = _number(stat.mean, scale, digits)
+            if stat.std is not None:
+                text += f" ± {_number(stat.std, scale, digits)}"
+            text = esc(text)
+            if index in table.best.get(column, ()):
+                text = f"<strong>{text}</strong>"
+            out.append(f'<td style="text-align:right">{text}</td>')
+        out.append("</tr>")
+    out += ["</tbody>", "</table>"]
+    return "\n".join(out) + "\n"
+
+
+def summary_csv(table: SummaryTable) -> str:
+    """One row per method: row fields, seeds, then <split>_<metric>_mean / _std
+    (fractions, full precision) and <split>_<metric>_best (1 or 0)."""
+    columns = list(table.row_fields) + ["seeds"]
+    for split, metric in table.columns:
+        columns += [f"{split}_{metric}_mean", f"{split}_{metric}_std", f"{split}_{metric}_best"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for index, row in enumerate(table.rows):
+        values: List[Any] = [row.method[name] or "" for name in table.row_fields]
+        values.append(len(row.seeds))
+        for column in table.columns:
+            stat = row.stats[column]
+            values += [
+                "" if stat.mean is None else repr(stat.mean),
+                "" if stat.std is None else repr(stat.std),
+                int(index in table.best.get(column, ())),
+            ]
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def summary_json(table: SummaryTable) -> str:
+    rows = []
+    for index, row in enumerate(table.rows):
+        values: Dict[str, Dict[str, Any]] = {}
+        for split, metric in table.columns:
+            stat = row.stats[(split, metric)]
+            values.setdefault(split, {})[metric] = {
+                "mean": stat.mean, "std": stat.std, "n": stat.n,
+                "best": index in table.best.get((split, metric), ()),
+            }
+        rows.append({**row.method, "seeds": row.seeds, "metrics": values})
+    return json.dumps({"row_fields": table.row_fields, "splits": table.splits, "metrics": table.metrics,
+                       "rows": rows}, indent=1, allow_nan=False) + "\n"
+
+
+def render(
+    records: Sequence[CellRecord],
+    *,
+    format: str = "markdown",
+    summary: Optional[bool] = None,
+    metrics: Optional[Sequence[str]] = None,
+    splits: Optional[Sequence[str]] = None,
+    rows: Optional[Sequence[str]] = None,
+    percent: bool = True,
+    digits: int = 1,
+) -> str:
+    """The export text in ``format``.
+
+    csv and json default to the per-cell layout (``summary=False``);
+    markdown, latex and html are always the summary table.
+    """
+    if format not in FORMATS:
+        raise DecoupleError(f"unknown export format {format!r}; known formats: {', '.join(FORMATS)}")
+    if not records:
+        raise DecoupleError("no cells match the selection; nothing to export")
+    if summary is None:
+        summary = format not in ("csv", "json")
+    if not summary:
+        if format not in ("csv", "json"):
+            raise DecoupleError(f"the per-cell layout is written as csv or json, not {format}")
+        chosen = resolve_splits(records, splits) if splits else None
+        return cells_csv(records, splits=chosen) if format == "csv" else cells_json(records, splits=chosen)
+    scale = 100.0 if percent else 1.0
+    if not percent and digits < 3:
+        digits = 3
+    table = summarize(records, metrics=metrics, splits=splits, rows=rows, digits=digits, scale=scale)
+    if format == "csv":
+        return summary_csv(table)
+    if format == "json":
+        return summary_json(table)
+    if format == "markdown":
+        return summary_markdown(table, scale=scale, digits=digits)
+    if format == "latex":
+        return summary_latex(table, scale=scale, digits=digits)
+    return summary_html(table, scale=scale, digits=digits)
+
+
+def write_text_atomic(path: os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

@@ -1,0 +1,194 @@
+"""Plots of sweep results, written as PNG and SVG (matplotlib, Agg backend).
+
+* :func:`plot_per_class_accuracy`: per-class accuracy against training
+  images per class (log axis), one colour per method, mean over seeds; the
+  line is a running mean over classes ordered by training count.
+* :func:`plot_group_bars`: grouped bars of many / medium / few accuracy per
+  method, with the standard deviation over seeds as error bars.
+
+Both read only stored results (per-class accuracy and training counts live
+in the database), so the feature files need not be present.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .errors import DecoupleError
+from .export import SummaryTable, summarize
+from .results import CellRecord
+
+GROUPS = ("many", "medium", "few")
+GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "Few (< 20)"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, stem: Path) -> List[Path]:
+    """Save ``stem``.png and ``stem``.svg atomically (temporary name, then rename)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in ("png", "svg"):
+        target = stem.with_name(f"{stem.name}.{suffix}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            figure.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        paths.append(target)
+    return paths
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a label."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "results"
+
+
+def _plot_label(row, fields: Sequence[str]) -> str:
+    """A row's method, leaving out the loss and sampler a head does not have."""
+    return " / ".join(str(row.method[name]) for name in fields if row.method[name] is not None)
+
+
+def _running_mean(values, window: int):
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) < 3:
+        return values
+    kernel = np.ones(window)
+    valid = ~np.isnan(values)
+    sums = np.convolve(np.where(valid, values, 0.0), kernel, mode="same")
+    counts = np.convolve(valid.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def plot_per_class_accuracy(
+    table: SummaryTable,
+    stem: os.PathLike,
+    *,
+    split: str,
+    title: Optional[str] = None,
+) -> List[Path]:
+    """Per-class accuracy on ``split`` against training count, one series per
+    row of ``table`` (all rows must share a feature file's classes)."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = None
+    figure, axis = plt.subplots(figsize=(7.0, 4.2))
+    try:
+        colors = plt.get_cmap("tab10" if len(table.rows) <= 10 else "tab20")
+        for index, row in enumerate(table.rows):
+            per_seed = [record.metrics[split]["per_class"] for record in row.records if split in record.metrics]
+            if not per_seed:
+                continue
+            row_counts = np.asarray(row.records[0].train_counts, dtype=float)
+            if counts is None:
+                counts = row_counts
+            elif len(row_counts) != len(counts) or not np.array_equal(row_counts, counts):
+                raise DecoupleError(
+                    "per-class plot: the selected cells come from feature files with different classes; "
+                    "select one feature file"
+                )
+            accuracy = np.array([[np.nan if value is None else value for value in seed] for seed in per_seed], float)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from the split
+                mean = np.nanmean(accuracy, axis=0)
+            order = np.argsort(-counts, kind="stable")
+            color = colors(index % colors.N)
+            label = _plot_label(row, table.row_fields)
+            axis.scatter(counts[order], mean[order], s=10, alpha=0.35, color=color, linewidths=0)
+            window = max(1, len(counts) // 10)
+            axis.plot(counts[order], _running_mean(mean[order], window), color=color, linewidth=1.6, label=label)
+        if counts is None:
+            raise DecoupleError(f"per-class plot: no cell was evaluated on split {split!r}")
+        axis.set_xscale("log")
+        axis.set_xlabel("training images per class (log scale)")
+        axis.set_ylabel(f"per-class accuracy on {split}")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(True, which="both", alpha=0.25)
+        axis.set_title(title or f"Per-class accuracy vs training count ({split})")
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return _save(figure, Path(stem))
+    finally:
+        plt.close(figure)
+
+
+def plot_group_bars(
+    table: SummaryTable,
+    stem: os.PathLike,
+    *,
+    split: str,
+    title: Optional[str] = None,
+) -> List[Path]:
+    """Grouped bars: many / medium / few accuracy on ``split`` per row of ``table``
+    (mean over seeds, std as error bars; an empty group draws no bar)."""
+    import numpy as np
+
+    plt = _pyplot()
+    labels = [_plot_label(row, table.row_fields) for row in table.rows]
+    width = 0.8 / len(GROUPS)
+    positions = np.arange(len(labels))
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2.0), 4.2))
+    try:
+        for offset, group in enumerate(GROUPS):
+            stats = [row.stats.get((split, group)) for row in table.rows]
+            means = [np.nan if stat is None or stat.mean is None else stat.mean for stat in stats]
+            errors = [0.0 if stat is None or stat.std is None else stat.std for stat in stats]
+            axis.bar(
+                positions + (offset - 1) * width, means, width, yerr=errors, capsize=2,
+                label=GROUP_LABELS[group], error_kw={"linewidth": 0.8},
+            )
+        axis.set_xticks(positions)
+        axis.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                             fontsize=8)
+        axis.set_ylabel(f"accuracy on {split}")
+        axis.set_ylim(0, 1.0)
+        axis.grid(True, axis="y", alpha=0.25)
+        axis.set_title(title or f"Many / medium / few-shot accuracy ({split})")
+        axis.legend(fontsize=8, frameon=False, ncol=3, loc="upper right")
+        return _save(figure, Path(stem))
+    finally:
+        plt.close(figure)
+
+
+def export_plots(
+    records: Sequence[CellRecord],
+    out_dir: os.PathLike,
+    *,
+    splits: Optional[Sequence[str]] = None,
+    rows: Optional[Sequence[str]] = None,
+) -> List[Path]:
+    """Both plots for every chosen split (per-class plots once per feature
+    file); returns the written paths. Names: groups_<split>.{png,svg},
+    per_class_<split>.{png,svg} (per_class_<features>_<split> with several
+    feature files)."""
+    out_dir = Path(out_dir)
+    table = summarize(records, metrics=list(GROUPS), splits=splits, rows=rows)
+    written: List[Path] = []
+    by_features: Dict[str, List[CellRecord]] = {}
+    for record in records:
+        by_features.setdefault(record.features_name, []).append(record)
+    for split in table.splits:
+        written += plot_group_bars(table, out_dir / f"groups_{safe_name(split)}", split=split)
+        for name, members in by_features.items():
+            member_rows = [field for field in table.row_fields if field != "features"] if len(by_features) > 1 else table.row_fields
+            sub = summarize(members, metrics=list(GROUPS), splits=[split], rows=member_rows or None)
+            stem = f"per_class_{safe_name(split)}" if len(by_features) == 1 else f"per_class_{safe_name(name)}_{safe_name(split)}"
+            title = None if len(by_features) == 1 else f"{name}: per-class accuracy vs training count ({split})"
+            written += plot_per_class_accuracy(sub, out_dir / stem, split=split, title=title)
+    return written

@@ -1,0 +1,475 @@
+"""The results store: one SQLite file holding every finished sweep cell.
+
+Schema (version 1)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)        -- format, schema_version
+    cells(                                         -- one row per finished cell
+        cell_id        INTEGER PRIMARY KEY,
+        cell_key       TEXT UNIQUE NOT NULL,       -- sha256 of what the cell computes
+        config_hash    TEXT NOT NULL,              -- sha256 of the whole validated sweep config
+        features       TEXT NOT NULL,              -- feature file path as given in the config
+        features_name  TEXT NOT NULL,              -- its label (config `name`, else the file stem)
+        features_sha256 TEXT NOT NULL,             -- content identity of the feature file
+        backbone       TEXT,
+        tags           TEXT NOT NULL,              -- JSON object, config `tags` of the feature file
+        head TEXT NOT NULL, loss TEXT, sampler TEXT,  -- loss / sampler NULL for ncm, knn
+        seed           INTEGER NOT NULL,
+        params         TEXT NOT NULL,              -- JSON: resolved params (chosen epoch, tau, ...)
+        train          TEXT NOT NULL,              -- JSON: the TrainConfig used
+        class_names    TEXT NOT NULL,              -- JSON list (C,)
+        train_counts   TEXT NOT NULL,              -- JSON list (C,): training images per class
+        versions       TEXT NOT NULL,              -- JSON: python and package versions
+        fit_seconds    REAL NOT NULL,
+        wall_seconds   REAL,                       -- wall time of the fused pass that produced it
+        finished_at    TEXT NOT NULL)              -- UTC ISO-8601
+    metrics(                                       -- one row per cell and evaluated split
+        cell_id INTEGER NOT NULL REFERENCES cells ON DELETE CASCADE,
+        split TEXT NOT NULL, n INTEGER NOT NULL,
+        top1 REAL, top5 REAL, macro_f1 REAL, mean_class_acc REAL,
+        many REAL, medium REAL, few REAL,           -- NULL for an empty group
+        per_class TEXT NOT NULL,                    -- JSON list (C,), null where the split lacks the class
+        extra TEXT NOT NULL,                        -- JSON object: any further scalar metrics
+        PRIMARY KEY (cell_id, split))
+
+A cell and its metric rows are written in one transaction, so a crash or
+Ctrl-C never leaves a cell half-written; a rerun finds it either whole or
+absent. Readers open the file read-only and never create it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+
+from .errors import DecoupleError
+
+FORMAT = "decouple-results"
+SCHEMA_VERSION = 1
+# Metrics with a column of their own; anything else scalar goes to `extra`.
+METRIC_COLUMNS = ("top1", "top5", "macro_f1", "mean_class_acc", "many", "medium", "few")
+VERSION_PACKAGES = ("decouple", "torch", "numpy", "timm", "faiss-cpu", "scikit-learn", "h5py")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id INTEGER PRIMARY KEY,
+    cell_key TEXT UNIQUE NOT NULL,
+    config_hash TEXT NOT NULL,
+    features TEXT NOT NULL,
+    features_name TEXT NOT NULL,
+    features_sha256 TEXT NOT NULL,
+    backbone TEXT,
+    tags TEXT NOT NULL,
+    head TEXT NOT NULL,
+    loss TEXT,
+    sampler TEXT,
+    seed INTEGER NOT NULL,
+    params TEXT NOT NULL,
+    train TEXT NOT NULL,
+    class_names TEXT NOT NULL,
+    train_counts TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    fit_seconds REAL NOT NULL,
+    wall_seconds REAL,
+    finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    cell_id INTEGER NOT NULL REFERENCES cells(cell_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    top1 REAL, top5 REAL, macro_f1 REAL, mean_class_acc REAL,
+    many REAL, medium REAL, few REAL,
+    per_class TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    PRIMARY KEY (cell_id, split)
+);
+CREATE INDEX IF NOT EXISTS cells_method ON cells (features_name, head, loss, sampler, seed);
+"""
+
+PathLike = Union[str, "Path"]
+
+
+@dataclass
+class CellRecord:
+    """One finished cell as stored: identity, settings, metrics per split.
+
+    ``metrics`` maps split -> {"n", "top1", ..., "few", "per_class", plus any
+    extra scalar metric}; the shape of ``decouple head --json``'s "metrics".
+    """
+
+    cell_key: str
+    config_hash: str
+    features: str
+    features_name: str
+    features_sha256: str
+    head: str
+    loss: Optional[str]
+    sampler: Optional[str]
+    seed: int
+    params: Dict[str, Any]
+    train: Dict[str, Any]
+    class_names: List[str]
+    train_counts: List[int]
+    metrics: Dict[str, Dict[str, Any]]
+    fit_seconds: float
+    backbone: Optional[str] = None
+    tags: Dict[str, Any] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+    wall_seconds: Optional[float] = None
+    finished_at: str = ""
+
+    @property
+    def method(self) -> Dict[str, Any]:
+        """The fields that name what was trained (no seed)."""
+        return {
+            "features": self.features_name,
+            "head": self.head,
+            "loss": self.loss,
+            "sampler": self.sampler,
+        }
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-ready dict; :func:`CellRecord.from_json` reads it back equal."""
+        return {
+            "cell_key": self.cell_key,
+            "config_hash": self.config_hash,
+            "features": self.features,
+            "features_name": self.features_name,
+            "features_sha256": self.features_sha256,
+            "backbone": self.backbone,
+            "tags": self.tags,
+            "head": self.head,
+            "loss": self.loss,
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "params": self.params,
+            "train": self.train,
+            "class_names": self.class_names,
+            "train_counts": self.train_counts,
+            "versions": self.versions,
+            "fit_seconds": self.fit_seconds,
+            "wall_seconds": self.wall_seconds,
+            "finished_at": self.finished_at,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CellRecord":
+        return cls(**dict(data))
+
+
+def package_versions(packages: Sequence[str] = VERSION_PACKAGES) -> Dict[str, str]:
+    """Python and installed package versions (read from metadata; imports nothing)."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _dumps(value: Any) -> str:
+    # allow_nan=False: a NaN slipping into a metric is a bug to surface, not to store.
+    return json.dumps(value, sort_keys=True, allow_nan=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays, without importing numpy here.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _scalar(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+class ResultStore:
+    """The SQLite results database of a sweep.
+
+    ``ResultStore(path)`` opens or creates it for writing;
+    ``ResultStore.open_existing(path)`` opens an existing one read-only and
+    says plainly when there is none.
+    """
+
+    def __init__(self, path: PathLike, *, _readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = _readonly
+        if _readonly:
+            uri = f"file:{self.path.resolve().as_posix()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=30)
+        else:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=30)
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            self._check_or_create()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise DecoupleError(
+                f"{self.path}: cannot be read as a decouple results database ({exc})"
+            ) from None
+
+    @classmethod
+    def open_existing(cls, path: PathLike) -> "ResultStore":
+        """Open a results database read-only; a missing file is a DecoupleError."""
+        path = Path(path)
+        if not path.exists():
+            raise DecoupleError(
+                f"{path}: no such results database; run `decouple sweep CONFIG.yaml` first"
+            )
+        if path.is_dir():
+            raise DecoupleError(f"{path}: is a folder; expected a results database file")
+        return cls(path, _readonly=True)
+
+    def _check_or_create(self) -> None:
+        tables = {
+            row[0]
+            for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "meta" in tables:
+            meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+            if meta.get("format") != FORMAT:
+                raise DecoupleError(
+                    f"{self.path}: meta format must be {FORMAT!r}; got {meta.get('format')!r}"
+                )
+            if int(meta.get("schema_version", -1)) != SCHEMA_VERSION:
+                raise DecoupleError(
+                    f"{self.path}: results schema version must be {SCHEMA_VERSION}; "
+                    f"got {meta.get('schema_version')}"
+                )
+            return
+        if tables:
+            raise DecoupleError(
+                f"{self.path}: is an SQLite file but not a decouple results database "
+                f"(tables: {', '.join(sorted(tables))})"
+            )
+        if self.readonly:
+            return  # an empty file: reads find no cells
+        with self._conn:
+            for statement in _SCHEMA.strip().split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            self._conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))],
+            )
+
+    # -- context manager ---------------------------------------------------------
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------
+
+    def insert(self, record: CellRecord) -> bool:
+        """Write one cell and its metric rows in a single transaction.
+
+        Returns False (and writes nothing) when ``record.cell_key`` is already
+        stored. An exception at any point rolls the whole cell back.
+        """
+        if self.readonly:
+            raise DecoupleError(f"{self.path}: opened read-only")
+        with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
+            cursor = self._conn.execute(
+                """INSERT OR IGNORE INTO cells (
+                    cell_key, config_hash, features, features_name, features_sha256,
+                    backbone, tags, head, loss, sampler, seed, params, train,
+                    class_names, train_counts, versions, fit_seconds, wall_seconds, finished_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    record.cell_key,
+                    record.config_hash,
+                    record.features,
+                    record.features_name,
+                    record.features_sha256,
+                    record.backbone,
+                    _dumps(record.tags),
+                    record.head,
+                    record.loss,
+                    record.sampler,
+                    int(record.seed),
+                    _dumps(record.params),
+                    _dumps(record.train),
+                    _dumps(list(record.class_names)),
+                    _dumps([int(count) for count in record.train_counts]),
+                    _dumps(record.versions),
+                    float(record.fit_seconds),
+                    None if record.wall_seconds is None else float(record.wall_seconds),
+                    record.finished_at or utc_now(),
+                ),
+            )
+            if cursor.rowcount == 0:
+                return False
+            cell_id = cursor.lastrowid
+            for split, values in record.metrics.items():
+                extra = {
+                    key: value
+                    for key, value in values.items()
+                    if key not in METRIC_COLUMNS and key not in ("n", "per_class")
+                }
+                self._conn.execute(
+                    """INSERT INTO metrics (cell_id, split, n, top1, top5, macro_f1,
+                        mean_class_acc, many, medium, few, per_class, extra)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        cell_id,
+                        split,
+                        int(values["n"]),
+                        *(_scalar(values.get(name)) for name in METRIC_COLUMNS),
+                        _dumps([_scalar(value) for value in values.get("per_class", [])]),
+                        _dumps(extra),
+                    ),
+                )
+        return True
+
+    # -- reading ---------------------------------------------------------------
+
+    def finished_keys(self) -> Set[str]:
+        """cell_key of every stored cell."""
+        return {row[0] for row in self._conn.execute("SELECT cell_key FROM cells")} if self._has_cells() else set()
+
+    def _has_cells(self) -> bool:
+        return bool(
+            self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cells'"
+            ).fetchone()
+        )
+
+    def count(self) -> int:
+        if not self._has_cells():
+            return 0
+        return int(self._conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0])
+
+    def records(
+        self,
+        *,
+        features: Optional[Iterable[str]] = None,
+        heads: Optional[Iterable[str]] = None,
+        losses: Optional[Iterable[str]] = None,
+        samplers: Optional[Iterable[str]] = None,
+        seeds: Optional[Iterable[int]] = None,
+        splits: Optional[Iterable[str]] = None,
+    ) -> List[CellRecord]:
+        """Stored cells, oldest first, optionally filtered.
+
+        ``features`` matches the features name or path; ``losses`` /
+        ``samplers`` may hold ``"none"`` for the cells without one (ncm, knn);
+        ``splits`` limits which splits each record carries.
+        """
+        if not self._has_cells():
+            return []
+        where: List[str] = []
+        args: List[Any] = []
+
+        def member(column: str, values: Optional[Iterable[Any]], *, nullable: bool = False) -> None:
+            if values is None:
+                return
+            values = list(values)
+            wanted = [value for value in values if not (nullable and value in (None, "none"))]
+            clauses = []
+            if wanted:
+                clauses.append(f"{column} IN ({', '.join('?' * len(wanted))})")
+                args.extend(wanted)
+            if nullable and len(wanted) < len(values):
+                clauses.append(f"{column} IS NULL")
+            where.append("(" + " OR ".join(clauses or ["0"]) + ")")
+
+        if features is not None:
+            names = list(features)
+            where.append(
+                f"(features_name IN ({', '.join('?' * len(names))}) "
+                f"OR features IN ({', '.join('?' * len(names))}))"
+            )
+            args.extend(names + names)
+        member("head", heads)
+        member("loss", losses, nullable=True)
+        member("sampler", samplers, nullable=True)
+        member("seed", seeds)
+        sql = "SELECT * FROM cells"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY cell_id"
+        self._conn.row_factory = sqlite3.Row
+        try:
+            cells = self._conn.execute(sql, args).fetchall()
+            metric_sql = "SELECT * FROM metrics WHERE cell_id = ?"
+            split_list = list(splits) if splits is not None else None
+            records = []
+            for row in cells:
+                metric_rows = self._conn.execute(metric_sql + " ORDER BY rowid", (row["cell_id"],)).fetchall()
+                metrics: Dict[str, Dict[str, Any]] = {}
+                for metric_row in metric_rows:
+                    if split_list is not None and metric_row["split"] not in split_list:
+                        continue
+                    values: Dict[str, Any] = {"n": metric_row["n"]}
+                    for name in METRIC_COLUMNS:
+                        values[name] = metric_row[name]
+                    values["per_class"] = json.loads(metric_row["per_class"])
+                    values.update(json.loads(metric_row["extra"]))
+                    metrics[metric_row["split"]] = values
+                records.append(
+                    CellRecord(
+                        cell_key=row["cell_key"],
+                        config_hash=row["config_hash"],
+                        features=row["features"],
+                        features_name=row["features_name"],
+                        features_sha256=row["features_sha256"],
+                        backbone=row["backbone"],
+                        tags=json.loads(row["tags"]),
+                        head=row["head"],
+                        loss=row["loss"],
+                        sampler=row["sampler"],
+                        seed=row["seed"],
+                        params=json.loads(row["params"]),
+                        train=json.loads(row["train"]),
+                        class_names=json.loads(row["class_names"]),
+                        train_counts=json.loads(row["train_counts"]),
+                        versions=json.loads(row["versions"]),
+                        fit_seconds=row["fit_seconds"],
+                        wall_seconds=row["wall_seconds"],
+                        finished_at=row["finished_at"],
+                        metrics=metrics,
+                    )
+                )
+            return records
+        finally:
+            self._conn.row_factory = None
+
+
+def load_records(path: PathLike, **filters: Any) -> List[CellRecord]:
+    """Every stored cell of an existing database (read-only), filtered as
+    :meth:`ResultStore.records`; a missing or empty database is a DecoupleError."""
+    with ResultStore.open_existing(path) as store:
+        if store.count() == 0:
+            raise DecoupleError(
+                f"{path}: the results database holds no finished cells yet; "
+                f"run `decouple sweep CONFIG.yaml` first"
+            )
+        records = store.records(**filters)
+    return records
