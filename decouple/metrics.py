@@ -56,6 +56,14 @@ def macro_f1_score(labels: np.ndarray, predictions: np.ndarray, num_classes: int
     return float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
 
 
+def per_class_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """F1 of each class (C,); NaN for a class with no samples in ``labels``."""
+    labels = np.asarray(labels)
+    scores = f1_score(labels, predictions, labels=np.arange(num_classes), average=None, zero_division=0)
+    support = np.bincount(labels, minlength=num_classes)
+    return np.where(support > 0, scores, np.nan)
+
+
 def shot_groups(
     train_counts: np.ndarray,
     *,
@@ -75,9 +83,9 @@ def shot_groups(
     }
 
 
-def group_accuracy(class_accuracy: np.ndarray, classes: np.ndarray) -> Optional[float]:
-    """Mean accuracy over ``classes`` that have test samples; None if there are none."""
-    values = np.asarray(class_accuracy)[classes]
+def group_mean(per_class: np.ndarray, classes: np.ndarray) -> Optional[float]:
+    """Mean of a per-class score over ``classes`` that have samples (non-NaN); None if none."""
+    values = np.asarray(per_class)[classes]
     values = values[~np.isnan(values)]
     return float(values.mean()) if len(values) else None
 
@@ -95,7 +103,8 @@ def evaluate(
     few_threshold: int = FEW_THRESHOLD,
 ) -> Dict[str, object]:
     """All metrics of one split: n, top1, top5, macro_f1, mean_class_acc,
-    many / medium / few (None when the group is empty) and per_class
+    many / medium / few accuracy and many_f1 / medium_f1 / few_f1 (the mean
+    per-class F1 of each group; None when the group is empty) and per_class
     accuracy (a list with None for classes absent from the split).
 
     ``labels`` (N,), ``scores`` (N, C), ``train_counts`` (C,).
@@ -113,8 +122,11 @@ def evaluate(
         "macro_f1": _none_if_nan(macro_f1_score(labels, predictions, num_classes)) if len(labels) else None,
         "mean_class_acc": _none_if_nan(mean_class_accuracy(labels, predictions, num_classes)),
     }
+    class_f1 = per_class_f1(labels, predictions, num_classes) if len(labels) else class_accuracy
     for name in GROUPS:
-        result[name] = group_accuracy(class_accuracy, groups[name])
+        result[name] = group_mean(class_accuracy, groups[name])
+    for name in GROUPS:
+        result[f"{name}_f1"] = group_mean(class_f1, groups[name])
     per_class: List[Optional[float]] = [_none_if_nan(value) for value in class_accuracy]
     result["per_class"] = per_class
     return result

@@ -28,7 +28,7 @@ class Registry:
 
     def __init__(self, kind: str, plural: Optional[str] = None) -> None:
         self.kind = kind
-        self.plural = plural or kind + "s"
+        self.plural = plural or (kind + "es" if kind.endswith("s") else kind + "s")
         self._entries: Dict[str, Callable[..., Any]] = {}
         self._descriptions: Dict[str, str] = {}
 

@@ -60,3 +60,15 @@ def test_evaluate_empty_group_is_none_not_zero():
     assert result["n"] == 4
     assert result["top1"] == pytest.approx(0.5)
     assert result["per_class"] == [1.0, 0.0, 0.5]
+
+
+def test_group_macro_f1_hand_case():
+    train_counts = np.array([500, 300, 50])
+    labels = np.array([0, 1, 2, 2])
+    scores = np.eye(3)[[0, 0, 2, 1]]
+    result = evaluate(labels, scores, train_counts)
+    # per-class F1: class 0 p=1/2 r=1 -> 2/3; class 1 -> 0; class 2 p=1 r=1/2 -> 2/3
+    assert result["many_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
+    assert result["medium_f1"] == pytest.approx(2 / 3)
+    assert result["few_f1"] is None
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
