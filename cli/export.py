@@ -56,7 +56,8 @@ def export(
 ) -> None:
     """Tables and plots from a sweep's results database."""
     from decouple.errors import DecoupleError
-    from decouple.export import render, write_text_atomic
+    from decouple.atomic import write_text_atomic
+    from decouple.export import render
     from decouple.results import load_records
 
     records = load_records(

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DecoupleError, UnknownNameError
+from .provenance import file_sha256
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -42,7 +43,6 @@ __all__ = [
     "create_backbone",
     "embed",
     "embedding_dim",
-    "file_sha256",
     "has_fixed_input_size",
     "load_weights",
     "model_input_size",
@@ -286,15 +286,6 @@ def _hub_offline_unless_reachable(timeout: float = 3.0):
 
 
 # --------------------------------------------------------------------------- weights
-
-
-def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import ConfigError, DataError
 from .profiles import exponential_counts
 from .registry import Registry
@@ -137,17 +138,11 @@ class Manifest:
 def save_manifest(manifest: Manifest, path: PathLike) -> Path:
     """Write ``path,label,split`` CSV (paths relative to the CSV's folder), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(MANIFEST_COLUMNS)
             writer.writerows(manifest.rows(relative_to=path.parent))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -22,10 +22,7 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import DecoupleError
@@ -496,21 +493,3 @@ def render(
     if format == "latex":
         return summary_latex(table, scale=scale, digits=digits)
     return summary_html(table, scale=scale, digits=digits)
-
-
-def write_text_atomic(path: os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed at the end."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from .finetune import (
     seed_everything,
     shutdown_distributed,
 )
+from .provenance import jsonable, package_versions
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -147,26 +147,6 @@ def resolve_img_size(img_size: Union[int, str], model: nn.Module, manifest: Mani
     return min(model_size, native_image_size(manifest.splits["train"].refs))
 
 
-def package_versions() -> Dict[str, str]:
-    """Versions of what produced the features."""
-    import h5py
-    import timm
-
-    from . import __version__
-
-    versions = {
-        "decouple": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        versions["cuda"] = str(torch.version.cuda)
-    return versions
-
-
 # --------------------------------------------------------------------------- sharded embedding
 
 
@@ -228,16 +208,6 @@ def embed_split(
                 valid = len(shard_batches(n, world_size=dist.world_size, rank=rank, batch_size=batch_size)[chunk_index])
                 rows.append(part[:valid])
             write(chunk_start, torch.cat(rows).cpu().numpy())
-
-
-class _ViewsWriter(FeatureWriter):
-    """FeatureWriter plus /train/views (N, K, D)."""
-
-    def create_views(self, split: str, *, n: int, views: int, dim: int) -> None:
-        self._handle[split].create_dataset("views", shape=(n, views, dim), dtype=self.dtype)
-
-    def write_view_rows(self, split: str, view: int, start: int, features: np.ndarray) -> None:
-        self._handle[split]["views"][start : start + len(features), view, :] = np.asarray(features, dtype=self.dtype)
 
 
 def _manifest_attr(manifest: Manifest, manifest_path: Path) -> Dict[str, Any]:
@@ -346,8 +316,8 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
         if dist.device.type == "cuda" and ft_config.channels_last:
             model.to(memory_format=torch.channels_last)
         dim = embedding_dim(model)
-        resolved = _json_ready(asdict(config))
-        resolved["finetune"] = _json_ready(asdict(ft_config))
+        resolved = jsonable(asdict(config))
+        resolved["finetune"] = jsonable(asdict(ft_config))
         resolved.update({"img_size": img_size, "world_size": dist.world_size, "workers": workers})
         attrs = {
             "weights_sha256": weights.sha256,
@@ -363,7 +333,7 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
         eval_batch = config.eval_batch_size or 2 * ft_config.batch_size
         eval_transform = make_transform(data_config, is_training=False)
         writer_cm = (
-            _ViewsWriter(
+            FeatureWriter(
                 paths["out"],
                 class_names=manifest.class_names,
                 backbone=config.backbone,
@@ -448,13 +418,3 @@ def _check_names(config: ExtractConfig) -> None:
         raise ConfigError("--pretrained and --weights exclude each other; pass one")
     if config.weights is not None and not Path(config.weights).is_file():
         raise DecoupleError(f"--weights {config.weights}: no such file")
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -6,7 +6,10 @@ Layout (DESIGN.md)::
                  backbone (str), class_names (array of str, length C)
     /<split>/features   float16 or float32, (N, D)
     /<split>/labels     integer, (N,), values in [0, C)
+    /train/views        optional, (N, K, D): K augmented embeddings of each
+                        training image (``decouple extract --views K``)
 
+Readers load features and labels and ignore any other dataset of a split.
 Reading validates everything at the boundary and raises
 :class:`~decouple.errors.FeatureFileError` with one line naming the file,
 the field and the expectation. Writing goes to a temporary file beside the
@@ -24,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic import temporary_sibling
 from .errors import FeatureFileError
 
 FORMAT = "decouple-features"
@@ -248,6 +252,8 @@ class FeatureWriter:
             writer.write_split("train", features, labels)          # whole arrays, or
             writer.create_split("test", n=10000, dim=64)           # streamed rows
             writer.write_rows("test", 0, block_features, block_labels)
+            writer.create_views("train", n=50000, views=4, dim=64)  # optional
+            writer.write_view_rows("train", 0, 0, block_features)
 
     Everything goes to ``<path>.tmp-<pid>``; leaving the block normally
     renames it to ``path``, an exception removes it.
@@ -263,7 +269,7 @@ class FeatureWriter:
         dtype: Any = np.float16,
     ) -> None:
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = temporary_sibling(self.path)
         self.class_names = [str(name) for name in class_names]
         self.backbone = backbone
         self.attrs = dict(attrs or {})
@@ -297,6 +303,15 @@ class FeatureWriter:
         stop = start + len(labels)
         self._handle[name]["features"][start:stop] = np.asarray(features, dtype=self.dtype)
         self._handle[name]["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
+
+    def create_views(self, name: str, *, n: int, views: int, dim: int) -> None:
+        """Create empty /name/views (n, views, dim) in a split made by create_split."""
+        self._handle[name].create_dataset("views", shape=(n, views, dim), dtype=self.dtype)
+
+    def write_view_rows(self, name: str, view: int, start: int, features: np.ndarray) -> None:
+        """Write rows [start, start + len(features)) of view ``view`` of /name/views."""
+        stop = start + len(features)
+        self._handle[name]["views"][start:stop, view, :] = np.asarray(features, dtype=self.dtype)
 
     def write_split(self, name: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Write a whole split at once."""

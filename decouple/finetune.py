@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path
 from .data import ImageDataset, Manifest
 from .errors import ConfigError, DecoupleError
 from .registry import Registry
@@ -284,14 +285,11 @@ def seed_everything(seed: int, *purpose: int) -> torch.Generator:
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write atomically; a full disk removes the temporary file and says so."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and is_disk_full(exc):
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as exc:
+        if is_disk_full(exc):
             raise DecoupleError(f"{path}: no space left on device writing the checkpoint; nothing written") from None
         raise
 

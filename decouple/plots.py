@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .atomic import atomic_path
 from .errors import DecoupleError
 from .export import SummaryTable, summarize
 from .results import CellRecord
@@ -37,17 +38,11 @@ def _pyplot():
 
 def _save(figure, stem: Path) -> List[Path]:
     """Save ``stem``.png and ``stem``.svg atomically (temporary name, then rename)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix in ("png", "svg"):
         target = stem.with_name(f"{stem.name}.{suffix}")
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(target) as tmp:
             figure.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         paths.append(target)
     return paths
 

@@ -41,19 +41,17 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from .errors import DecoupleError
+from .provenance import jsonable, utc_now
 
 FORMAT = "decouple-results"
 SCHEMA_VERSION = 1
 # Metrics with a column of their own; anything else scalar goes to `extra`.
 METRIC_COLUMNS = ("top1", "top5", "macro_f1", "mean_class_acc", "many", "medium", "few")
-VERSION_PACKAGES = ("decouple", "torch", "numpy", "timm", "faiss-cpu", "scikit-learn", "h5py")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,35 +162,9 @@ class CellRecord:
         return cls(**dict(data))
 
 
-def package_versions(packages: Sequence[str] = VERSION_PACKAGES) -> Dict[str, str]:
-    """Python and installed package versions (read from metadata; imports nothing)."""
-    from importlib import metadata
-
-    versions = {"python": sys.version.split()[0]}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _dumps(value: Any) -> str:
-    # allow_nan=False: a NaN slipping into a metric is a bug to surface, not to store.
-    return json.dumps(value, sort_keys=True, allow_nan=False, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and arrays, without importing numpy here.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    # NaN is kept for allow_nan=False to refuse: a NaN slipping into a metric is a bug to surface, not to store.
+    return json.dumps(jsonable(value, nonfinite_to_none=False), sort_keys=True, allow_nan=False)
 
 
 def _scalar(value: Any) -> Optional[float]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, DecoupleError, FeatureFileError
+from .provenance import file_sha256, jsonable, package_versions, utc_now
 
 CONFIG_KEYS = ("features", "grid", "params", "train", "db")
 GRID_KEYS = ("head", "loss", "sampler", "seed")
@@ -567,15 +568,6 @@ def _check_cells(places: _Places, config: SweepConfig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def file_sha256(path: Union[str, "os.PathLike[str]"], *, chunk_size: int = 1 << 22) -> str:
-    """sha256 of a file's bytes: the content identity of a feature file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class PlannedCell:
     """One cell of a sweep with its resume key."""
@@ -721,7 +713,7 @@ def run_sweep(
     :class:`~decouple.results.CellRecord`.
     """
     from .features import read_features
-    from .results import CellRecord, ResultStore, package_versions, utc_now
+    from .results import CellRecord, ResultStore
     from .stage_two import fit_cells
 
     if not isinstance(config, SweepConfig):
@@ -766,11 +758,11 @@ def run_sweep(
                     loss=result.loss,
                     sampler=result.sampler,
                     seed=int(result.seed),
-                    params=_jsonable(result.params),
-                    train=_jsonable(dataclasses.asdict(plan.train)),
+                    params=jsonable(result.params),
+                    train=jsonable(dataclasses.asdict(plan.train)),
                     class_names=class_names,
                     train_counts=train_counts,
-                    metrics=_jsonable(result.metrics),
+                    metrics=jsonable(result.metrics),
                     fit_seconds=float(result.fit_seconds),
                     versions=versions,
                     wall_seconds=time.perf_counter() - pass_start[0],
@@ -801,16 +793,3 @@ def run_sweep(
     return SweepSummary(
         db=plan.db, total=total, skipped=len(plan.finished), ran=ran, seconds=time.perf_counter() - start
     )
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types from numpy scalars / arrays, tuples and mappings."""
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and value != value:
-        return None
-    return value

@@ -1,4 +1,5 @@
-"""Shared fixtures: a long-tailed Gaussian feature set and its HDF5 file.
+"""Shared fixtures: a long-tailed Gaussian feature set and its HDF5 file, and
+one torch thread for modules that run models.
 
 ``gaussian_long_tailed()`` defaults: 20 classes in 32 dimensions, training
 counts 500 down to 5 on the exponential profile (imbalance factor 100),
@@ -11,6 +12,18 @@ import pytest
 
 from decouple.features import write_features
 from decouple.synthetic import gaussian_long_tailed
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test, restored afterwards (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -15,20 +14,15 @@ from decouple.backbones import (
     create_backbone,
     embed,
     embedding_dim,
-    file_sha256,
     load_weights,
     read_state_dict,
 )
 from decouple.errors import DecoupleError, UnknownNameError
+from decouple.provenance import file_sha256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's cores are shared: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The CI machine's cores are shared: one intra-op thread avoids oversubscription.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lite0_file() -> Path:
@@ -117,8 +111,3 @@ def test_unreadable_weights(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "no_tensors.pth")
     with pytest.raises(DecoupleError, match="expected a state dict of tensors"):
         read_state_dict(tmp_path / "no_tensors.pth")
-
-
-def test_file_sha256(tmp_path):
-    (tmp_path / "f").write_bytes(b"abc" * 1000)
-    assert file_sha256(tmp_path / "f") == hashlib.sha256(b"abc" * 1000).hexdigest()

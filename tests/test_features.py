@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from decouple.features import read_features, summarize, write_features
+from decouple.features import FeatureWriter, read_features, summarize, write_features
 
 
 def _write_raw(path, *, train=True, n_labels=None, label_max=None, nan=False, attrs=True):
@@ -117,3 +117,23 @@ def test_round_trip(tmp_path, gaussian_feature_set):
     summary = summarize(loaded)
     assert summary["train_counts"] == {"max": 500, "min": 5, "imbalance_factor": 100.0}
     assert summary["groups"] == {"many": 7, "medium": 7, "few": 6}
+
+
+def test_views_are_written_and_ignored_by_the_reader(tmp_path, gaussian_feature_set):
+    train = gaussian_feature_set.splits["train"]
+    features = train.features.astype(np.float32)
+    n, dim = features.shape
+    views = np.stack([features + view for view in range(2)], axis=1)  # (N, 2, D)
+    path = tmp_path / "views.h5"
+    with FeatureWriter(path, class_names=gaussian_feature_set.class_names, backbone="test", dtype=np.float32) as writer:
+        writer.write_split("train", features, train.labels)
+        writer.create_views("train", n=n, views=2, dim=dim)
+        for view in range(2):
+            writer.write_view_rows("train", view, 0, views[: n // 2, view])
+            writer.write_view_rows("train", view, n // 2, views[n // 2 :, view])
+    with h5py.File(path, "r") as handle:
+        np.testing.assert_array_equal(handle["train/views"][()], views)
+    loaded = read_features(path)
+    assert list(loaded.splits) == ["train"]
+    np.testing.assert_array_equal(loaded.splits["train"].features, features)
+    np.testing.assert_array_equal(loaded.splits["train"].labels, train.labels)
