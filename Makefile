@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m decouple.demo --out demo_out
+	$(VENV)/bin/decouple demo --out demo_out
 
 benchmarks: venv
 	$(PY) benchmarks/stage_two.py

@@ -22,7 +22,8 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
               help="Summary table (mean ± std over seeds per method) or one row per cell and split. "
                    "Default: per cell for csv and json, summary for markdown, latex and html.")
 @click.option("--metrics", multiple=True, metavar="LIST",
-              help="Table columns, comma-separated: top1, top5, macro_f1, mean_class_acc, many, medium, few "
+              help="Table columns, comma-separated: top1, top5, macro_f1, mean_class_acc, many, medium, few, "
+                   "many_f1, medium_f1, few_f1 (mean per-class F1 of each group) "
                    "[default: top1,macro_f1,many,medium,few].")
 @click.option("--splits", multiple=True, metavar="LIST",
               help="Evaluated splits, comma-separated, e.g. test,test_lt [default: every split but val].")

@@ -18,6 +18,7 @@ COMMANDS: Dict[str, str] = {
     "extract": "cli.extract:extract",
     "sweep": "cli.sweep:sweep",
     "export": "cli.export:export",
+    "demo": "cli.demo:demo",
 }
 
 
@@ -57,6 +58,11 @@ def cli() -> None:
     Stage two:  decouple head      retrain a classifier head on cached embeddings
                 decouple sweep     run a grid of heads x losses x samplers x seeds
                 decouple export    tables and plots from a sweep's results
-    Also:       decouple info      describe a feature file
+    Also:       decouple demo      the whole pipeline on built-in data
+                decouple info      describe a feature file
                 decouple list      list the registered losses, samplers and heads
     """
+
+
+if __name__ == "__main__":
+    cli()

@@ -40,6 +40,7 @@ SELECTION_SPLITS = ("val",)
 METRIC_LABELS = {
     "top1": "Acc", "top5": "Top-5", "macro_f1": "Macro-F1", "mean_class_acc": "Mean class acc",
     "many": "Many", "medium": "Medium", "few": "Few",
+    "many_f1": "Many F1", "medium_f1": "Medium F1", "few_f1": "Few F1",
 }
 NONE_TEXT = "–"
 
