@@ -128,7 +128,7 @@ def run_demo(
     best_table = render(best, format="markdown", metrics=list(DEMO_METRICS), splits=["test"])
     write_text_atomic(out / "results.csv", render(records, format="csv", summary=True, metrics=list(DEMO_METRICS), splits=splits))
     write_text_atomic(out / "cells.csv", render(records, format="csv"))
-    plots = export_plots(records, out / "plots", splits=["test"])
+    plots = export_plots(best, out / "plots", splits=["test"])
     log(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'cells.csv'} and {len(plots)} plot files in {out / 'plots'}")
     log(f"the {len(best)} best of {len(records)} methods by {RANK_SPLIT} {RANK_METRIC} (all in {out / 'results.md'}):")
     return best_table

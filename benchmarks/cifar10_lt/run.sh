@@ -28,7 +28,16 @@ if [ ! -f "$WORK/features/$RUN.h5" ]; then
 fi
 sed "s#FEATURES#$WORK/features/$RUN.h5#; s#RESULTS_DB#$HERE/results/$RUN.db#" "$HERE/grid.yaml" > "$WORK/$RUN.yaml"
 "$DECOUPLE" sweep "$WORK/$RUN.yaml"
-"$DECOUPLE" export --db "$HERE/results/$RUN.db" --format markdown --splits test,test_lt \
-  --metrics top1,macro_f1,many,medium,few -o "$HERE/results/$RUN.md" --plots "$HERE/results/${RUN}_plots"
-"$DECOUPLE" export --db "$HERE/results/$RUN.db" --format csv -o "$HERE/results/$RUN.cells.csv"
-echo "tables: $HERE/results/$RUN.md, $HERE/results/$RUN.cells.csv; plots: $HERE/results/${RUN}_plots"
+DB=$HERE/results/$RUN.db
+OUT=$HERE/results/$RUN
+METRICS=top1,macro_f1,many,medium,few,many_f1,medium_f1,few_f1
+"$DECOUPLE" export --db "$DB" --format markdown --splits test,test_lt --metrics "$METRICS" -o "$OUT.md"
+"$DECOUPLE" export --db "$DB" --format csv -o "$OUT.cells.csv"
+# The losses on a linear head with instance sampling, and every head with plain cross-entropy.
+"$DECOUPLE" export --db "$DB" --format markdown --splits test,test_lt --metrics "$METRICS" \
+  --head linear --sampler instance -o "$OUT.losses.md" --plots "${OUT}_plots/losses"
+"$DECOUPLE" export --db "$DB" --format markdown --splits test,test_lt --metrics "$METRICS" \
+  --loss ce --loss none --sampler instance --sampler none -o "$OUT.heads.md" --plots "${OUT}_plots/heads"
+"$DECOUPLE" export --db "$DB" --format markdown --splits test,test_lt --metrics "$METRICS" \
+  --head linear --loss ce -o "$OUT.samplers.md"
+echo "tables: $OUT.md (all), $OUT.losses.md, $OUT.heads.md, $OUT.samplers.md, $OUT.cells.csv; plots: ${OUT}_plots/"
