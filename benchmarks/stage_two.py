@@ -18,6 +18,7 @@ classes (exponential profile), balanced val and test.
    (training, selection and scoring of val and test).
 
 Usage: python benchmarks/stage_two.py [--epochs 30] [--threads N] [--skip-grid] [--repeats 2]
+       [--precision float32|bfloat16|auto]   (ours only; the bare loop stays float32)
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-grid", action="store_true", help="skip the 8 x 4 grid")
     parser.add_argument("--repeats", type=int, default=2, help="timings per variant in part 1 (best kept)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="TrainConfig.precision of our trainer (the bare loop is float32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(epochs=args.epochs, device="cpu")
+    config = TrainConfig(epochs=args.epochs, device="cpu", precision=args.precision).validated()
 
     feature_set, _ = gaussian_long_tailed(num_classes=100, dim=2048, n_max=500, imbalance_factor=100)
     train, val = feature_set.splits["train"], feature_set.splits["val"]
@@ -94,14 +97,15 @@ def main() -> None:
     print(
         f"data: train {train.features.shape[0]} x {train.features.shape[1]} float32, "
         f"{feature_set.num_classes} classes, val {len(val)}; {config.epochs} epochs, "
-        f"batch {config.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads, cpu"
+        f"batch {config.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads, cpu; "
+        f"ours in {config.precision}"
     )
 
     def sampler(name: str = "instance"):
         return create_sampler(name, train.labels, total_epochs=config.epochs, seed=0)
 
     # Warm up both paths (allocator, kernels) on one epoch.
-    warm = TrainConfig(epochs=1, device="cpu")
+    warm = TrainConfig(epochs=1, device="cpu", precision=config.precision)
     data = PreparedData.from_arrays(train.features, train.labels, val_features=val.features,
                                     val_labels=val.labels, device="cpu")
     train_heads(data, [create_loss("ce", class_counts=counts)], sampler=sampler(), train=warm)

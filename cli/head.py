@@ -15,6 +15,9 @@ from cli.options import (
     shot_threshold_options,
 )
 
+# decouple.stage_two.PRECISIONS, spelled out so that --help imports no numpy.
+PRECISIONS = ("float32", "bfloat16", "auto")
+
 
 @click.command("head")
 @features_option
@@ -30,6 +33,9 @@ from cli.options import (
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size [512].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer [sgd].")
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Precision of the training matrix products [auto: bfloat16 where the device "
+                   "has it natively, else float32]. Recorded in params.train.")
 @shot_threshold_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--output", default=None, metavar="results.jsonl",
@@ -45,6 +51,7 @@ def head(
     batch_size: Optional[int],
     optimizer: Optional[str],
     device: Optional[str],
+    precision: Optional[str],
     many_threshold: int,
     few_threshold: int,
     as_json: bool,
@@ -53,7 +60,8 @@ def head(
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
     from decouple.stage_two import Cell, TrainConfig, fit_file
 
-    overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, device=device)
+    overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, device=device,
+                     precision=precision)
     train = TrainConfig(
         many_threshold=many_threshold,
         few_threshold=few_threshold,

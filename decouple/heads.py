@@ -304,7 +304,7 @@ class CosineHead(TrainableHead):
         if not (isinstance(self.scale, (int, float)) and self.scale > 0):
             raise ConfigError(f"head parameter scale of cosine must be > 0; got {self.scale!r}")
         # LDAM scales its logits by s itself (Cao et al. apply it to raw cosines).
-        return 1.0 if hasattr(loss_module, "margins") and hasattr(loss_module, "s") else float(self.scale)
+        return 1.0 if loss_module.applies_own_scale else float(self.scale)
 
     def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
         self.coef_ = trained.weight.cpu().numpy().astype(np.float32)  # unit rows

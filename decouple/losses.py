@@ -182,7 +182,13 @@ class LongTailLoss(nn.Module):
     ``class_counts`` (C,): training images per class (numpy array, list or
     tensor). Subclasses implement ``forward(logits (B, C), target (B,)) ->
     scalar mean loss``.
+
+    ``applies_own_scale``: True when the loss multiplies the logits by a
+    scale of its own (LDAM's s, meant for raw cosines). A cosine head then
+    hands it unscaled cosines instead of applying its own temperature.
     """
+
+    applies_own_scale: bool = False
 
     def __init__(self, class_counts: CountsLike) -> None:
         super().__init__()
@@ -425,6 +431,8 @@ class LDAMLoss(LongTailLoss):
     s = 30 suits; with unnormalised linear logits choose s accordingly.
     max_margin = 0 and s = 1 without re-weighting is plain cross-entropy.
     """
+
+    applies_own_scale = True
 
     def __init__(
         self,

@@ -37,6 +37,11 @@ Training details, chosen to work out of the box on any backbone's features:
   draws interleave with other heads' in a fused pass, so there it matches a
   separate run in distribution, not bit for bit.)
 * On the CPU, small problems train on one thread (SMALL_STEP_MACS).
+* ``TrainConfig.precision`` "bfloat16" (or "auto" on hardware with native
+  bf16) runs the two large products of each step in bfloat16 with float32
+  master weights, optimiser state and losses (:func:`train_heads`); the
+  precision used is recorded in every result's ``params["train"]``. The
+  default is "auto".
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ from .errors import ConfigError, DecoupleError
 from .metrics import evaluate
 
 OPTIMIZERS = ("sgd", "adamw")
+#: Precisions of the fused trainer's matrix products (TrainConfig.precision).
+PRECISIONS = ("float32", "bfloat16", "auto")
 
 
 # ---------------------------------------------------------------------------
@@ -69,6 +76,20 @@ class TrainConfig:
     ``device`` None means "cuda" when a GPU is visible, else "cpu".
     ``many_threshold`` / ``few_threshold`` define the shot groups of the
     metrics (many > 100, few < 20 training images by default).
+
+    ``precision`` is that of the fused trainer's two large matrix products
+    per step, the logits and the weight gradient (see :func:`train_heads`):
+    "float32", "bfloat16" (about five times faster on a CPU with native
+    bf16, e.g. AVX512-BF16 or AMX, and on recent GPUs; much slower on a CPU
+    without it), or "auto" (the default): bfloat16 where the device does it
+    natively, else float32. Weights, optimiser state, losses and the
+    reported scores stay float32 in every case; on the Gaussian test data
+    the two precisions agree within 0.15 points of top-1. "auto" is the
+    default for speed (the 32-cell benchmark grid: 23 s against 60 s on two
+    cores); a fixed seed still gives the same numbers on the same machine,
+    and :meth:`validated` resolves "auto", so results and sweep keys record
+    the precision actually used. Choose "float32" for numbers that do not
+    depend on whether a machine has native bf16.
     """
 
     epochs: int = 30
@@ -80,9 +101,11 @@ class TrainConfig:
     device: Optional[str] = None
     many_threshold: int = 100
     few_threshold: int = 20
+    precision: str = "auto"
 
     def validated(self) -> "TrainConfig":
-        """Self, after checking every field; a bad value is a ConfigError naming it."""
+        """Self after checking every field, with ``precision`` "auto" resolved
+        (:meth:`resolved_precision`); a bad value is a ConfigError naming it."""
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -104,6 +127,12 @@ class TrainConfig:
                 f"train setting few_threshold ({self.few_threshold}) must not exceed "
                 f"many_threshold ({self.many_threshold})"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"train setting precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
+        if self.precision == "auto":
+            return replace(self, precision=self.resolved_precision())
         return self
 
     def resolved_device(self) -> str:
@@ -114,11 +143,38 @@ class TrainConfig:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def resolved_precision(self) -> str:
+        """"float32" or "bfloat16": ``precision``, with "auto" resolved for the
+        training device (bfloat16 on a GPU that supports it, or on a CPU whose
+        oneDNN has native bf16 kernels)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bfloat16" if native_bfloat16(self.resolved_device()) else "float32"
+
     def to_dict(self) -> Dict[str, Any]:
-        """The settings as plain JSON values, device resolved."""
+        """The settings as plain JSON values, device and precision resolved."""
         values = asdict(self)
         values["device"] = self.resolved_device()
+        values["precision"] = self.resolved_precision()
         return values
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (fast): a CUDA
+    GPU with bf16 support, or a CPU with oneDNN bf16 kernels (AVX512-BF16, AMX)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        # Emulated bf16 (pre-Ampere) is slower than float32: native only.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+        except RuntimeError:  # pragma: no cover - builds without the op
+            return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -422,6 +478,16 @@ def train_heads(
     (logits = s_k * cos(x, w), ``logit_scales`` s_k per head). Every head
     starts from the same weights drawn from ``seed``. Returns K
     :class:`TrainedWeights`, each at its best val epoch.
+
+    ``train.precision`` "bfloat16" is mixed precision: the features are cast
+    to bfloat16 once, and each step casts the float32 (master) weights to
+    bfloat16 for the logits product, whose backward (the weight gradient)
+    then also runs in bfloat16 with float32 accumulation inside the kernel;
+    the logits are lifted to float32 before the bias, the cosine scale and
+    the losses, and the gradient is lifted to float32 before the optimiser,
+    whose weights and state stay float32. The per-epoch val scoring that
+    picks the epoch uses the same bfloat16 product; the val and test metrics
+    reported later come from the float32 head.
     """
     import torch
     import torch.nn.functional as F
@@ -444,6 +510,11 @@ def train_heads(
     x_train = data.normalized("train") if cosine else data.x
     x_val = data.normalized("val") if cosine else data.x_val
     has_val = x_val is not None
+    # Cast once, not per batch; .to() is a no-op in float32.
+    compute_dtype = torch.bfloat16 if train.resolved_precision() == "bfloat16" else torch.float32
+    mixed = compute_dtype != torch.float32
+    x_train = x_train.to(compute_dtype)
+    x_val = None if x_val is None else x_val.to(compute_dtype)
 
     generator = torch.Generator().manual_seed(int(seed))
     initial = torch.randn(num_classes, dim, generator=generator)
@@ -459,13 +530,20 @@ def train_heads(
         parameters.append(bias)
     if train.optimizer == "sgd":
         optimizer = torch.optim.SGD(
-            parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+            parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+            # The fused kernel saves about a tenth of a bf16 step, but its
+            # rounding differs from the per-tensor update's in float32.
+            fused=True if mixed else None,
         )
     else:
         optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
     losses = [loss.to(device) for loss in losses]
 
     def logits_of(x):
+        if mixed:
+            directions = F.normalize(weight, dim=1) if cosine else weight
+            logits = F.linear(x, directions.to(compute_dtype)).float()
+            return logits * scales if cosine else logits + bias
         if cosine:
             return F.linear(x, F.normalize(weight, dim=1)) * scales
         return F.linear(x, weight, bias)

@@ -36,6 +36,21 @@ def test_head_json_is_designs_object_and_output_appends(tmp_path, gaussian_featu
     assert second["head"] == "ncm" and second["loss"] is None and second["sampler"] is None
 
 
+def test_head_precision_option_is_recorded_and_checked(gaussian_features):
+    args = ["head", "--features", gaussian_features, "--epochs", "2", "--json"]
+    from decouple.stage_two import TrainConfig
+
+    default = json.loads(_run(args + ["--device", "cpu"]))["params"]["train"]["precision"]
+    assert default == TrainConfig(device="cpu").validated().precision  # "auto", resolved
+    assert json.loads(_run(args + ["--precision", "float32"]))["params"]["train"]["precision"] == "float32"
+    printed = json.loads(_run(args + ["--precision", "bfloat16"]))
+    assert printed["params"]["train"]["precision"] == "bfloat16"
+    auto = json.loads(_run(args + ["--precision", "auto", "--device", "cpu"]))
+    assert auto["params"]["train"]["precision"] in ("float32", "bfloat16")
+    bad = CliRunner().invoke(cli, args + ["--precision", "fp16"])
+    assert bad.exit_code == 2 and "fp16" in bad.output
+
+
 def test_head_prints_a_table(gaussian_features):
     text = _run(["head", "--features", gaussian_features, "--head", "tau_norm", "--epochs", "3", "--seed", "2"])
     assert "tau_norm head, loss ce, sampler instance, seed 2" in text
