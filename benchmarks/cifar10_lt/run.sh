@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# CIFAR-10-LT (IF = 100) with a CIFAR ResNet-32 from scratch, then the full
-# stage-two grid, then tables and plots. Usage, from the repository root:
+# CIFAR-10-LT with a CIFAR ResNet-32 from scratch, then the full stage-two
+# grid, then tables and plots. Usage, from the repository root:
 #
 #   bash benchmarks/cifar10_lt/run.sh [EPOCHS]      # default 200, the standard protocol
+#   IMBALANCE=50 bash benchmarks/cifar10_lt/run.sh 40   # another imbalance factor (default 100)
 #
 # Stage one follows Cao et al. 2019's CIFAR protocol: SGD, momentum 0.9,
 # lr 0.1, weight decay 2e-4, batch 128, 5 warm-up epochs, lr x0.1 at 80% and
@@ -10,6 +11,7 @@
 # schedule. Stage one is resumable: rerun the same command after a crash.
 set -euo pipefail
 EPOCHS=${EPOCHS:-${1:-200}}
+IMBALANCE=${IMBALANCE:-100}
 HERE=benchmarks/cifar10_lt
 WORK=$HERE/work
 DECOUPLE=${DECOUPLE:-.venv/bin/decouple}
@@ -17,11 +19,11 @@ mkdir -p "$WORK/features" "$HERE/results"
 if [ ! -d "$WORK/cifar10/train" ]; then
   tar -xJf ../shared/data/cifar10-jpg.tar.xz -C "$WORK"
 fi
-RUN=cifar10_lt_if100_e$EPOCHS
+RUN=cifar10_lt_if${IMBALANCE}_e$EPOCHS
 if [ ! -f "$WORK/features/$RUN.h5" ]; then
   RESUME=""
   [ -f "$WORK/features/$RUN.ckpt.pt" ] && RESUME="--resume"
-  "$DECOUPLE" extract --data "$WORK/cifar10" --backbone resnet32_cifar --imbalance 100 \
+  "$DECOUPLE" extract --data "$WORK/cifar10" --backbone resnet32_cifar --imbalance "$IMBALANCE" \
     --epochs "$EPOCHS" --schedule step --lr-steps "$((EPOCHS * 8 / 10)),$((EPOCHS * 9 / 10))" \
     --lr 0.1 --momentum 0.9 --weight-decay 2e-4 --batch-size 128 --warmup-epochs 5 \
     --seed 0 --name "$RUN" --features-dir "$WORK/features" $RESUME
