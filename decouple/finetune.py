@@ -34,6 +34,7 @@ import torch.nn as nn
 from .atomic import atomic_path
 from .data import ImageDataset, Manifest
 from .errors import ConfigError, DecoupleError
+from .provenance import jsonable
 from .registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -361,7 +362,7 @@ def finetune(
     fingerprint.update(
         {key: value for key, value in asdict(config).items() if key not in ("workers", "progress")}
     )
-    fingerprint = _json_safe(fingerprint)
+    fingerprint = jsonable(fingerprint)
     train = manifest.splits["train"]
     counts = manifest.counts("train")
 
@@ -516,12 +517,3 @@ def finetune(
                 torch.distributed.broadcast(tensor, src=0)
     model.eval()
     return history
-
-
-def _json_safe(value: Any) -> Any:
-    """Tuples to lists, recursively, so a fingerprint survives a save/load round trip."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -54,8 +54,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError, DecoupleError
+from .errors import ConfigError
 from .metrics import evaluate
+from .provenance import jsonable
 
 OPTIMIZERS = ("sgd", "adamw")
 #: Precisions of the fused trainer's matrix products (TrainConfig.precision).
@@ -216,24 +217,10 @@ class CellResult:
             "loss": self.loss,
             "sampler": self.sampler,
             "seed": self.seed,
-            "params": _jsonable(self.params),
+            "params": jsonable(self.params),
             "fit_seconds": round(float(self.fit_seconds), 4),
-            "metrics": _jsonable(self.metrics),
+            "metrics": jsonable(self.metrics),
         }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(item) for item in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from PIL import Image
 
 from cli.main import cli
@@ -62,7 +62,7 @@ def config(data: Path, out_dir: Path, *, run: str, epochs: int = 1, **kwargs) ->
     )
 
 
-def invoke(args) -> "click.testing.Result":
+def invoke(args) -> Result:
     return CliRunner().invoke(cli, args)
 
 
