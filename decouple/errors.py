@@ -27,3 +27,8 @@ class ConfigError(DecoupleError):
 
 class DataError(DecoupleError):
     """An image folder, manifest or data set that cannot be used."""
+
+
+class ClassCountError(ConfigError):
+    """A per-class setting (one value per class) whose length does not match
+    the class count of the data it is used on."""

@@ -135,10 +135,15 @@ class Stat:
 
 @dataclass
 class SummaryRow:
-    method: Dict[str, Optional[str]]  # row field -> value
+    method: Dict[str, Optional[str]]  # row field -> label (name, and settings where needed)
     seeds: List[int]
     stats: Dict[Tuple[str, str], Stat]  # (split, metric) -> Stat
     records: List[CellRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def cells(self) -> int:
+        """How many cells the row averages (one per seed)."""
+        return len(self.records)
 
     def label(self, fields: Sequence[str]) -> str:
         return " / ".join(self.method[name] or NONE_TEXT for name in fields)
@@ -170,6 +175,66 @@ class SummaryTable:
 
 def method_of(record: CellRecord) -> Dict[str, Optional[str]]:
     return {"features": record.features_name, "head": record.head, "loss": record.loss, "sampler": record.sampler}
+
+
+def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
+    """What a cell computed besides its method names and seed, by the row field
+    it belongs to: the feature file's content (features), the head's settings
+    and the training settings that matter to it, precision included (head),
+    the loss's and the sampler's settings. Choices made on val (epoch, tau)
+    are results, not settings, and are left out."""
+    from .sweep import train_identity
+
+    try:
+        train = train_identity(record.head, record.train)
+    except DecoupleError:  # a head this version does not know: keep every setting
+        train = {k: v for k, v in record.train.items() if k != "device"}
+    return {
+        "features": {"sha256": record.features_sha256},
+        "head": {**dict(record.params.get("head") or {}), **train},
+        "loss": dict(record.params.get("loss") or {}),
+        "sampler": dict(record.params.get("sampler") or {}),
+    }
+
+
+_MISSING = "(unset)"
+
+
+def _setting_text(name: str, value: Any) -> str:
+    if name == "sha256" and isinstance(value, str):
+        return f"sha256={value[:12]}"
+    if isinstance(value, float):
+        return f"{name}={value!r}"
+    return f"{name}={json.dumps(value, sort_keys=True) if not isinstance(value, str) else value}"
+
+
+def labelled_methods(records: Sequence[CellRecord]) -> List[Dict[str, Optional[str]]]:
+    """Each record's method names, with the settings that tell it apart from
+    cells of the same names appended to the field they belong to, e.g. loss
+    ``focal (gamma=1.0)`` beside ``focal (gamma=2.0)``, head ``linear
+    (precision=bfloat16)``, features ``cifar10_lt (sha256=1a2b3c4d5e6f)``.
+    Cells with equal labels differ in their seed alone (and may be averaged)."""
+    settings = [settings_of(record) for record in records]
+    labels = [method_of(record) for record in records]
+    by_names: Dict[Tuple, List[int]] = {}
+    for index, names in enumerate(labels):
+        by_names.setdefault(tuple(names[name] for name in METHOD_FIELDS), []).append(index)
+    for members in by_names.values():
+        if len({json.dumps(settings[index], sort_keys=True, default=str) for index in members}) < 2:
+            continue
+        for name in METHOD_FIELDS:
+            keys = sorted({key for index in members for key in settings[index][name]})
+            differing = [
+                key for key in keys
+                if len({json.dumps(settings[index][name].get(key, _MISSING), sort_keys=True, default=str)
+                        for index in members}) > 1
+            ]
+            if not differing:
+                continue
+            for index in members:
+                texts = ", ".join(_setting_text(key, settings[index][name].get(key, _MISSING)) for key in differing)
+                labels[index] = {**labels[index], name: f"{labels[index][name] or NONE_TEXT} ({texts})"}
+    return labels
 
 
 def available_splits(records: Sequence[CellRecord]) -> List[str]:
@@ -219,8 +284,8 @@ def resolve_metrics(records: Sequence[CellRecord], metrics: Optional[Sequence[st
     return list(metrics)
 
 
-def _varying_fields(records: Sequence[CellRecord]) -> List[str]:
-    return [name for name in METHOD_FIELDS if len({method_of(record)[name] for record in records}) > 1]
+def _varying_fields(labels: Sequence[Dict[str, Optional[str]]]) -> List[str]:
+    return [name for name in METHOD_FIELDS if len({label[name] for label in labels}) > 1]
 
 
 def summarize(
@@ -234,8 +299,12 @@ def summarize(
 ) -> SummaryTable:
     """Aggregate cells over seeds into one row per method.
 
-    ``rows`` names the method fields that label a row (default: those that
-    vary); a field left out must not vary, so only seeds are ever averaged.
+    A row averages only cells that are identical in everything but the seed
+    (:func:`labelled_methods`): where cells of one head, loss and sampler
+    differ in a setting, the precision, the training settings or the feature
+    file's content, the setting labels their rows apart. ``rows`` names the
+    method fields that label a row (default: those that vary); a field left
+    out must not vary, so only seeds are ever averaged.
     ``digits`` / ``scale``: the best of a column is found on the values as
     displayed (``round(mean * scale, digits)``), so ties at that precision
     are all marked.
@@ -244,14 +313,15 @@ def summarize(
         raise DecoupleError("no cells match the selection; nothing to export")
     splits = resolve_splits(records, splits)
     metrics = resolve_metrics(records, metrics)
-    varying = _varying_fields(records)
+    labels = labelled_methods(records)
+    varying = _varying_fields(labels)
     if rows:
         for name in rows:
             if name not in METHOD_FIELDS:
                 raise DecoupleError(f"unknown row field {name!r}; known: {', '.join(METHOD_FIELDS)}")
         hidden = [name for name in varying if name not in rows]
         if hidden:
-            values = sorted({str(method_of(record)[hidden[0]]) for record in records})
+            values = sorted({str(label[hidden[0]]) for label in labels})
             raise DecoupleError(
                 f"rows {', '.join(rows)} would average over {hidden[0]} ({', '.join(values)}); "
                 f"add {hidden[0]} to the rows or select one {hidden[0]}"
@@ -260,9 +330,8 @@ def summarize(
     else:
         row_fields = varying or ["head", "loss"]
     groups: Dict[Tuple, List[CellRecord]] = {}
-    for record in records:
-        key = tuple(method_of(record)[name] for name in row_fields)
-        groups.setdefault(key, []).append(record)
+    for record, label in zip(records, labels):
+        groups.setdefault(tuple(label[name] for name in row_fields), []).append(record)
     columns = [(split, metric) for split in splits for metric in metrics]
     table_rows = []
     for key, members in groups.items():
@@ -333,7 +402,7 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
 
 
 def _footnote(table: SummaryTable, scale: float) -> str:
-    seeds = sorted({len(row.seeds) for row in table.rows})
+    seeds = sorted({row.cells for row in table.rows})
     unit = "%" if scale == 100.0 else "fraction"
     seed_text = "/".join(str(count) for count in seeds)
     return f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; best mean per column in bold."
@@ -417,8 +486,9 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
 
 
 def summary_csv(table: SummaryTable) -> str:
-    """One row per method: row fields, seeds, then <split>_<metric>_mean / _std
-    (fractions, full precision) and <split>_<metric>_best (1 or 0)."""
+    """One row per method: row fields, seeds (the number of cells averaged),
+    then <split>_<metric>_mean / _std (fractions, full precision) and
+    <split>_<metric>_best (1 or 0)."""
     columns = list(table.row_fields) + ["seeds"]
     for split, metric in table.columns:
         columns += [f"{split}_{metric}_mean", f"{split}_{metric}_std", f"{split}_{metric}_best"]
@@ -427,7 +497,7 @@ def summary_csv(table: SummaryTable) -> str:
     writer.writerow(columns)
     for index, row in enumerate(table.rows):
         values: List[Any] = [row.method[name] or "" for name in table.row_fields]
-        values.append(len(row.seeds))
+        values.append(row.cells)
         for column in table.columns:
             stat = row.stats[column]
             values += [
@@ -449,7 +519,7 @@ def summary_json(table: SummaryTable) -> str:
                 "mean": stat.mean, "std": stat.std, "n": stat.n,
                 "best": index in table.best.get((split, metric), ()),
             }
-        rows.append({**row.method, "seeds": row.seeds, "metrics": values})
+        rows.append({**row.method, "seeds": row.seeds, "cells": row.cells, "metrics": values})
     return json.dumps({"row_fields": table.row_fields, "splits": table.splits, "metrics": table.metrics,
                        "rows": rows}, indent=1, allow_nan=False) + "\n"
 

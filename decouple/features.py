@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -137,30 +137,9 @@ def read_features(
     """
     path = Path(path)
     with _open_for_reading(path) as handle:
-        try:
-            attrs = {key: _decode(handle.attrs[key]) for key in handle.attrs}
-        except OSError as exc:
-            raise FeatureFileError(f"{path}: attributes of / cannot be read ({exc})") from None
-        if attrs.get("format") != FORMAT:
-            raise FeatureFileError(
-                f"{path}: attribute format must be {FORMAT!r}; got {attrs.get('format')!r}"
-            )
-        if attrs.get("version") != VERSION:
-            raise FeatureFileError(
-                f"{path}: attribute version must be {VERSION}; got {attrs.get('version')!r}"
-            )
-        class_names = attrs.pop("class_names", None)
-        if class_names is None or isinstance(class_names, str) or len(class_names) == 0:
-            raise FeatureFileError(
-                f"{path}: attribute class_names must be a non-empty array of strings"
-            )
-        class_names = [str(name) for name in class_names]
+        attrs, class_names = _read_header(path, handle)
         num_classes = len(class_names)
         backbone = str(attrs.pop("backbone", "unknown"))
-        attrs.pop("format")
-        attrs.pop("version")
-        if "train" not in handle:
-            raise FeatureFileError(f"{path}: no /train group; expected /train/features and /train/labels")
         wanted = _ordered(handle)
         if splits is not None:
             missing = [name for name in splits if name not in handle]
@@ -181,14 +160,59 @@ def read_features(
                     f"{path}: /{name}/features must have D = {dim} columns like /train; got {split_dim}"
                 )
             loaded[name].features = loaded[name].features.astype(dtype, copy=False)
-    train_counts = np.bincount(loaded["train"].labels, minlength=num_classes)
-    if (train_counts == 0).any():
-        empty = int(np.flatnonzero(train_counts == 0)[0])
+    _check_every_class_trains(path, loaded["train"].labels, class_names)
+    return FeatureSet(class_names=class_names, splits=loaded, backbone=backbone, attrs=attrs, path=str(path))
+
+
+def _read_header(path: Path, handle: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """(attributes of / without format, version and class_names; class names),
+    after checking the format, the version and the class names."""
+    try:
+        attrs = {key: _decode(handle.attrs[key]) for key in handle.attrs}
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: attributes of / cannot be read ({exc})") from None
+    if attrs.get("format") != FORMAT:
+        raise FeatureFileError(f"{path}: attribute format must be {FORMAT!r}; got {attrs.get('format')!r}")
+    if attrs.get("version") != VERSION:
+        raise FeatureFileError(f"{path}: attribute version must be {VERSION}; got {attrs.get('version')!r}")
+    class_names = attrs.pop("class_names", None)
+    if class_names is None or isinstance(class_names, str) or len(class_names) == 0:
+        raise FeatureFileError(f"{path}: attribute class_names must be a non-empty array of strings")
+    attrs.pop("format")
+    attrs.pop("version")
+    if "train" not in handle:
+        raise FeatureFileError(f"{path}: no /train group; expected /train/features and /train/labels")
+    return attrs, [str(name) for name in class_names]
+
+
+def _check_every_class_trains(path: Path, labels: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Training images per class (C,); a class without any is a FeatureFileError."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    if (counts == 0).any():
+        empty = int(np.flatnonzero(counts == 0)[0])
         raise FeatureFileError(
             f"{path}: /train/labels must hold every class at least once; "
             f"class {empty} ({class_names[empty]!r}) has no training sample"
         )
-    return FeatureSet(class_names=class_names, splits=loaded, backbone=backbone, attrs=attrs, path=str(path))
+    return counts
+
+
+def read_train_counts(path: PathLike) -> np.ndarray:
+    """Training images per class (C,) of a feature file, reading only its
+    header and /train/labels (checked as :func:`read_features` checks them)."""
+    path = Path(path)
+    with _open_for_reading(path) as handle:
+        _, class_names = _read_header(path, handle)
+        labels = handle["train"]["labels"] if "labels" in handle["train"] else None
+        if labels is None or labels.ndim != 1 or labels.dtype.kind not in ("i", "u"):
+            raise FeatureFileError(f"{path}: /train/labels must be a 1-D integer dataset")
+        try:
+            values = labels[()].astype(np.int64)
+        except OSError as exc:
+            raise FeatureFileError(f"{path}: /train/labels cannot be read ({exc}); the file may be truncated") from None
+    if values.size == 0 or values.min() < 0 or values.max() >= len(class_names):
+        raise FeatureFileError(f"{path}: /train/labels must be non-empty and lie in [0, {len(class_names)})")
+    return _check_every_class_trains(path, values, class_names)
 
 
 def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:

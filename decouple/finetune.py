@@ -201,7 +201,12 @@ class FinetuneConfig:
     progress: bool = True
 
     def resolved(self) -> "FinetuneConfig":
-        """A copy with optimizer defaults filled in and names checked."""
+        """A copy with optimizer defaults and the loss's linear-family settings
+        filled in and names checked. timm's classifier is a linear layer, so
+        the loss takes the settings the linear heads of stage two take
+        (LDAM's s = 1; :func:`decouple.losses.family_settings`)."""
+        from .losses import family_settings
+
         OPTIMIZERS.check(self.optimizer, where="--optimizer")
         SCHEDULES.check(self.schedule, where="--schedule")
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
@@ -214,6 +219,7 @@ class FinetuneConfig:
         values = asdict(self)
         values["lr"] = defaults["lr"] if self.lr is None else self.lr
         values["weight_decay"] = defaults["weight_decay"] if self.weight_decay is None else self.weight_decay
+        values["loss_params"] = family_settings(self.loss, "linear", self.loss_params)
         if not self.lr_steps and self.schedule == "step":
             # the CIFAR-LT recipe of Cao et al. 2019: decay at 160 and 180 of 200 epochs
             values["lr_steps"] = (int(self.epochs * 0.8), int(self.epochs * 0.9))

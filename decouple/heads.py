@@ -115,8 +115,12 @@ class TrainableHead(Head):
         return (self.family,)
 
     def training_loss_params(self, loss: str, given: Mapping[str, Any]) -> Dict[str, Any]:
-        """Loss settings used to train the weights (``given`` plus head-specific defaults)."""
-        return dict(given)
+        """Loss settings used to train the weights: ``given`` over the loss's
+        defaults for this head's family (e.g. LDAM's scale s, see
+        :func:`decouple.losses.family_settings`)."""
+        from .losses import family_settings
+
+        return family_settings(loss, self.family, dict(given))
 
     def training_logit_scale(self, loss_module: Any) -> float:
         """Logit scale of the cosine family for this loss (1 for linear heads)."""
@@ -137,7 +141,7 @@ class TrainableHead(Head):
 
         labels = np.repeat(np.arange(len(class_counts)), class_counts)
         create_loss(loss, class_counts=class_counts, **self.training_loss_params(loss, settings["loss"]))
-        create_sampler(sampler, labels, total_epochs=train.epochs, **settings["sampler"])
+        create_sampler(sampler, labels, total_epochs=train.epochs_for(len(labels)), **settings["sampler"])
 
     # -- fitting -----------------------------------------------------------
 
@@ -162,7 +166,7 @@ class TrainableHead(Head):
         from .samplers import create_sampler
         from .stage_two import PreparedData, TrainConfig, train_heads
 
-        train = (train or TrainConfig()).validated()
+        train = (train or TrainConfig()).validated().for_rows(len(y))
         loss_params = dict(loss_params or {})
         sampler_params = dict(sampler_params or {})
         data = PreparedData.from_arrays(
@@ -230,7 +234,7 @@ class TrainableHead(Head):
         self.selected_on_ = trained.selected_on
         self.val_history_ = list(trained.history)
         self.mean_ = data.mean.detach().cpu().numpy()
-        self.scale_ = float(data.scale)
+        self.scale_ = data.scale.detach().cpu().numpy()
         self._finish(trained, data, seed=seed, train=train)
         return self
 
@@ -239,7 +243,7 @@ class TrainableHead(Head):
 
     def _set_linear(self, weight_std: np.ndarray, bias_std: Optional[np.ndarray]) -> None:
         """coef_ / intercept_ in the original space from standardised-space weights (C, D)."""
-        coef = (weight_std * self.scale_).astype(np.float32)
+        coef = (weight_std * self.scale_[None, :]).astype(np.float32)
         intercept = -(coef @ self.mean_.astype(np.float32))
         if bias_std is not None:
             intercept = intercept + bias_std
@@ -260,27 +264,16 @@ class LinearHead(TrainableHead):
 
     The classifier-retraining baseline (cRT) of Kang et al., "Decoupling
     Representation and Classifier for Long-Tailed Recognition" (ICLR 2020),
-    when trained class-balanced. LDAM (Cao et al. 2019) multiplies logits by
-    its scale s, which is meant for cosine logits in [-1, 1]; with this head
-    ldam's s defaults to 1 instead (margins then act in logit units on the
-    standardised features), unless params set it.
+    when trained class-balanced. Like every head of the linear family
+    (linear, tau_norm, lws), it trains losses with their linear-family
+    settings (``decouple list losses``; LDAM's scale s).
     """
 
     def __init__(self) -> None:
         pass
 
-    def training_loss_params(self, loss: str, given: Mapping[str, Any]) -> Dict[str, Any]:
-        params = dict(given)
-        if loss == "ldam":
-            params.setdefault("s", LDAM_LINEAR_SCALE)
-        return params
-
     def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
         self._set_linear(trained.weight.cpu().numpy(), trained.bias.cpu().numpy())
-
-
-#: LDAM's scale s with an unnormalised (linear) head; see LinearHead.
-LDAM_LINEAR_SCALE = 1.0
 
 
 @register_head("cosine")
@@ -290,6 +283,11 @@ class CosineHead(TrainableHead):
     Normalised-weight classifier as used with LDAM by Cao et al. (NeurIPS
     2019) and analysed by Kang et al. (ICLR 2020). ``scale`` s (16) sets the
     softmax temperature; a loss with its own scale (ldam's s) replaces it.
+    x is the standardised feature (centred, every feature scaled to the same
+    spread; :class:`decouple.stage_two.PreparedData`), the decoupled
+    counterpart of the batch-normalised embedding a network would feed it:
+    the raw pooled features of a ReLU network all lie in one narrow cone,
+    where cosines barely separate the classes.
     """
 
     family = "cosine"
@@ -312,7 +310,8 @@ class CosineHead(TrainableHead):
         self.classes_ = np.arange(self.coef_.shape[0])
 
     def decision_function(self, X: Any) -> np.ndarray:
-        return self.logit_scale_ * (_l2_normalize(_as_float32(X)) @ self.coef_.T)
+        standardized = (_as_float32(X) - self.mean_) * self.scale_
+        return self.logit_scale_ * (_l2_normalize(standardized) @ self.coef_.T)
 
 
 DEFAULT_TAUS = tuple(round(0.1 * index, 1) for index in range(21))
@@ -391,7 +390,7 @@ class LWSHead(TrainableHead):
         import torch
 
         from .samplers import create_sampler
-        from .stage_two import cpu_threads_for
+        from .stage_two import cpu_threads_for, make_optimizer
 
         epochs = int(self.epochs if self.epochs is not None else train.epochs)
         if epochs < 1:
@@ -403,35 +402,36 @@ class LWSHead(TrainableHead):
         scales = torch.ones(data.num_classes, device=weight.device, requires_grad=True)
         bias = trained.bias.detach().clone().requires_grad_(bool(self.learn_bias))
         parameters = [scales] + ([bias] if self.learn_bias else [])
-        optimizer = torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum)
+        optimizer = make_optimizer([{"params": parameters, "weight_decay": 0.0}], train)
         sampler = create_sampler(
             "class_balanced", data.y.cpu().numpy(), total_epochs=epochs, seed=seed
         )
-        history: List[float] = []
         with cpu_threads_for(data.device, train.batch_size * data.num_classes):
-            best = self._train_scales(z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train, history)
-        if z_val is None:
-            best = (None, epochs, scales.detach().clone(), bias.detach().clone())
-        _, self.scale_epoch_, best_scales, best_bias = best
+            chooser, best_scales, best_bias = self._train_scales(
+                z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train
+            )
+        self.scale_epoch_ = chooser.epochs[0]
         self.scales_ = best_scales.cpu().numpy()
-        self.scale_history_ = history
+        self.scale_history_ = chooser.histories[0]
         self._set_linear(
             (weight * best_scales[:, None]).detach().cpu().numpy(), best_bias.cpu().numpy()
         )
 
     @staticmethod
-    def _train_scales(z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train, history) -> Tuple:
+    def _train_scales(z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train) -> Tuple:
         """Minimise class-balanced cross-entropy over the scales (and bias);
-        returns (val score, epoch, scales, bias) of the best val epoch."""
+        returns (EpochChooser, scales, bias), the epoch chosen on val as in the
+        fused trainer (the last epoch without val)."""
         import math
 
         import torch
 
-        from .stage_two import mean_class_score
+        from .stage_two import EpochChooser, mean_class_score
 
         steps = epochs * -(-len(data.y) // train.batch_size)
         step = 0
-        best = (-1.0, epochs, scales.detach().clone(), bias.detach().clone())
+        chooser = EpochChooser(1, epochs)
+        chosen = (scales.detach().clone(), bias.detach().clone())
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             order = sampler.epoch_indices().to(z_train.device)
@@ -445,14 +445,15 @@ class LWSHead(TrainableHead):
                 loss.backward()
                 optimizer.step()
                 step += 1
-            if z_val is not None:
-                with torch.no_grad():
-                    predictions = (z_val * scales + bias).argmax(dim=1, keepdim=True)
-                    score = float(mean_class_score(predictions, data.y_val, data.num_classes)[0])
-                history.append(score)
-                if score > best[0]:
-                    best = (score, epoch + 1, scales.detach().clone(), bias.detach().clone())
-        return best
+            if z_val is None:
+                chosen = (scales.detach().clone(), bias.detach().clone())
+                continue
+            with torch.no_grad():
+                predictions = (z_val * scales + bias).argmax(dim=1, keepdim=True)
+                score, error = mean_class_score(predictions, data.y_val, data.num_classes, with_error=True)
+            if chooser.update(epoch, score.tolist(), error.tolist()):
+                chosen = (scales.detach().clone(), bias.detach().clone())
+        return (chooser,) + chosen
 
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "scale_epoch": self.scale_epoch_, "selected_on": self.selected_on_}

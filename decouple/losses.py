@@ -26,18 +26,23 @@ A Survey" (TPAMI 2023) and the cited papers.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, DataError
+from .errors import ClassCountError, ConfigError, DataError
 from .registry import Registry
 
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
+
+#: How a classifier computes its logits, which decides some losses' settings:
+#: "linear", W x + b (the linear, tau_norm and lws heads, and stage one's
+#: timm classifier); "cosine", cos(x, w) in [-1, 1] (the cosine head).
+HEAD_FAMILIES = ("linear", "cosine")
 
 CountsLike = Union[np.ndarray, Sequence[float], Tensor]
 
@@ -189,6 +194,10 @@ class LongTailLoss(nn.Module):
     """
 
     applies_own_scale: bool = False
+    #: Settings that differ by head family from the constructor's defaults,
+    #: {family: {name: value}}; :func:`family_settings` applies them, and a
+    #: value the user sets wins.
+    family_defaults: Dict[str, Dict[str, Any]] = {}
 
     def __init__(self, class_counts: CountsLike) -> None:
         super().__init__()
@@ -222,6 +231,32 @@ class LongTailLoss(nn.Module):
         return f"num_classes={self.num_classes}"
 
 
+def family_settings(name: str, family: str, given: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Settings of loss ``name`` on a head of ``family`` (HEAD_FAMILIES): the
+    family's defaults (``family_defaults``) overridden by ``given``."""
+    if family not in HEAD_FAMILIES:
+        raise ConfigError(f"head family must be one of {', '.join(HEAD_FAMILIES)}; got {family!r}")
+    settings = dict(getattr(LOSSES.get(name), "family_defaults", {}).get(family, {}))
+    settings.update(given or {})
+    return settings
+
+
+def family_note(name: str) -> str:
+    """"on linear heads s=1; on cosine heads s=30" for a loss whose settings
+    differ by head family (the constructor default where a family sets none);
+    "" otherwise."""
+    defaults = getattr(LOSSES.get(name), "family_defaults", {})
+    keys = sorted({key for settings in defaults.values() for key in settings})
+    if not keys:
+        return ""
+    constructor = LOSSES.parameters(name)
+    parts = []
+    for family in HEAD_FAMILIES:
+        values = {**{key: constructor.get(key) for key in keys}, **defaults.get(family, {})}
+        parts.append(f"on {family} heads " + ", ".join(f"{key}={values[key]:g}" for key in keys))
+    return "; ".join(parts)
+
+
 def create_loss(name: str, *, class_counts: CountsLike, **params) -> LongTailLoss:
     """Build the loss registered as ``name`` for ``class_counts`` (C,).
 
@@ -232,8 +267,13 @@ def create_loss(name: str, *, class_counts: CountsLike, **params) -> LongTailLos
 
 
 def list_losses() -> List[Tuple[str, str]]:
-    """(name, one-line description) of every registered loss."""
-    return LOSSES.describe()
+    """(name, one-line description) of every registered loss, with the
+    settings that differ by head family (:func:`family_note`)."""
+    listing = []
+    for name, description in LOSSES.describe():
+        note = family_note(name)
+        listing.append((name, f"{description} ({note})" if note else description))
+    return listing
 
 
 # ---------------------------------------------------------------------------
@@ -308,17 +348,21 @@ class FocalLoss(LongTailLoss):
     ) -> None:
         super().__init__(class_counts)
         self.gamma = _check_at_least("gamma", gamma, 0.0)
-        alpha_values = np.ones(self.num_classes) if alpha is None else np.asarray(alpha, float)
+        try:
+            alpha_values = np.ones(self.num_classes) if alpha is None else np.asarray(alpha, float)
+        except (TypeError, ValueError):
+            raise ConfigError(f"loss parameter alpha must be a number or a list of numbers; got {alpha!r}") from None
         if alpha_values.ndim == 0:
             alpha_values = np.full(self.num_classes, float(alpha_values))
-        if (
-            alpha_values.shape != (self.num_classes,)
-            or not np.all(np.isfinite(alpha_values))
-            or np.any(alpha_values < 0)
-        ):
+        if not np.all(np.isfinite(alpha_values)) or np.any(alpha_values < 0):
             raise ConfigError(
                 f"loss parameter alpha must be a non-negative number or {self.num_classes} "
                 f"non-negative numbers (one per class); got {alpha!r}"
+            )
+        if alpha_values.shape != (self.num_classes,):
+            raise ClassCountError(
+                f"loss parameter alpha must be one number or one per class, {self.num_classes} "
+                f"numbers; got {alpha_values.size}"
             )
         self.register_buffer("alpha", _buffer(alpha_values), persistent=False)
 
@@ -424,15 +468,27 @@ class LDAMLoss(LongTailLoss):
 
     (torch's weighted mean, as in the paper's code). Deferred re-weighting
     (DRW): w = 1 until epoch ``drw_epoch`` (0-based; default
-    int(0.8 * total_epochs), the paper's 160 of 200), then the class-balanced
-    weights (1 - beta) / (1 - beta**n_c) normalised to sum to C with
-    ``beta`` = 0.9999. Re-weighting switches via ``set_epoch``; before the
-    first call there is none. The paper applies LDAM to cosine logits, where
-    s = 30 suits; with unnormalised linear logits choose s accordingly.
-    max_margin = 0 and s = 1 without re-weighting is plain cross-entropy.
+    int(``drw_fraction`` * total_epochs), with drw_fraction 0.8 the paper's
+    160 of 200), then the class-balanced weights (1 - beta) / (1 - beta**n_c)
+    normalised to sum to C with ``beta`` = 0.9999. (The fraction follows a
+    run whose length depends on the file, as stage two's budget does.) Re-weighting switches via ``set_epoch``; before the
+    first call there is none. max_margin = 0 and s = 1 without re-weighting
+    is plain cross-entropy.
+
+    **Scale, one rule per head family** (``family_defaults``). The paper
+    applies LDAM to cosine logits in [-1, 1] (its NormedLinear layer), where
+    s = 30 makes the largest margin 15 logits: the cosine head uses s = 30
+    and hands the loss raw cosines. Every linear-family classifier (the
+    linear, tau_norm and lws heads, and stage one's timm classifier) has
+    unbounded logits, whose scale its weights learn: there s = 1, so the
+    margins act in logit units and the loss's gradients keep the size of
+    cross-entropy's. (s = 30 on linear logits multiplies them by 30: a
+    15-logit margin, thirty-fold gradients, and training that diverges or
+    stops improving in its first epochs.) A value set in params wins.
     """
 
     applies_own_scale = True
+    family_defaults = {"linear": {"s": 1.0}}
 
     def __init__(
         self,
@@ -441,6 +497,7 @@ class LDAMLoss(LongTailLoss):
         s: float = 30.0,
         drw_epoch: Optional[int] = None,
         beta: float = 0.9999,
+        drw_fraction: float = 0.8,
     ) -> None:
         super().__init__(class_counts)
         self.max_margin = _check_at_least("max_margin", max_margin, 0.0)
@@ -453,6 +510,7 @@ class LDAMLoss(LongTailLoss):
                 f"loss parameter drw_epoch must be a non-negative integer; got {drw_epoch!r}"
             )
         self.drw_epoch = None if drw_epoch is None else int(drw_epoch)
+        self.drw_fraction = _check_probability("drw_fraction", drw_fraction)
         beta = _check_finite("beta", beta)
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"loss parameter beta must lie in [0, 1); got {beta:g}")
@@ -466,7 +524,7 @@ class LDAMLoss(LongTailLoss):
 
     def drw_start(self, total_epochs: int) -> int:
         """First (0-based) epoch with deferred re-weighting for a run of ``total_epochs``."""
-        return self.drw_epoch if self.drw_epoch is not None else int(0.8 * total_epochs)
+        return self.drw_epoch if self.drw_epoch is not None else int(self.drw_fraction * total_epochs)
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         """Switch the class-balanced weights on from ``drw_start(total_epochs)`` onwards."""

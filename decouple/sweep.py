@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -490,25 +491,25 @@ def _parse_train(places: _Places, train: Any) -> Dict[str, Any]:
 
     if not isinstance(train, Mapping):
         raise places.error(("train",), f"must be a mapping of training settings; got {train!r}")
-    fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
-    _check_keys(places, ("train",), train, list(fields), what="train setting")
-    defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    _check_keys(places, ("train",), train, [item.name for item in dataclasses.fields(TrainConfig)],
+                what="train setting")
     for key, value in train.items():
-        default = getattr(defaults, key)
-        where = ("train", key)
-        if isinstance(default, bool):
+        kinds = typing.get_args(hints[key]) or (hints[key],)  # Optional[int] -> (int, NoneType)
+        kind = next(kind for kind in kinds if kind is not type(None))
+        if value is None:
+            ok = type(None) in kinds
+        elif kind is bool:
             ok = isinstance(value, bool)
-        elif isinstance(default, int):
+        elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
+        elif kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif isinstance(default, str) or default is None:
-            ok = value is None or isinstance(value, str)
         else:
-            ok = True
+            ok = isinstance(value, kind)
         if not ok:
-            expected = type(default).__name__ if default is not None else "str"
-            raise places.error(where, f"must be {expected}; got {value!r}")
+            expected = kind.__name__ + (" or null" if type(None) in kinds else "")
+            raise places.error(("train", key), f"must be {expected}; got {value!r}")
     try:
         TrainConfig(**dict(train)).validated()
     except (TypeError, ValueError) as exc:
@@ -518,17 +519,33 @@ def _parse_train(places: _Places, train: Any) -> Dict[str, Any]:
     return dict(train)
 
 
-def _check_cells(places: _Places, config: SweepConfig) -> None:
+def _check_cells(
+    places: _Places,
+    config: SweepConfig,
+    *,
+    class_counts: Optional[Any] = None,
+    features: Optional[str] = None,
+    train: Optional[Any] = None,
+) -> None:
     """Every (head, loss, sampler) combination, with its settings, must be one
-    stage two accepts: built once here on made-up class counts so that a bad
-    value (a negative focal gamma, a beta of 1) stops the sweep before it starts."""
+    stage two accepts: each is built once here, so that a bad value (a
+    negative focal gamma, a beta of 1) stops the sweep before it starts.
+
+    With ``class_counts`` (C,), the training counts of feature file
+    ``features``, every setting is checked against that file's classes
+    (:func:`plan_sweep` does this for each file before the first cell runs);
+    without, on made-up counts, where a per-class setting's length cannot be
+    judged yet and is left to that later check.
+    """
     import numpy as np
 
+    from .errors import ClassCountError
     from .heads import create_head
     from .stage_two import Cell, method_params, validate_cell
 
-    train = config.train_config()
-    dummy_counts = np.array([100, 30, 10, 3, 1])
+    train = train if train is not None else config.train_config()
+    counts = np.array([100, 30, 10, 3, 1]) if class_counts is None else np.asarray(class_counts)
+    on_file = "" if features is None else f"{features} ({len(counts)} classes): "
     checked = set()
     for head in config.heads:
         combos = (
@@ -547,20 +564,33 @@ def _check_cells(places: _Places, config: SweepConfig) -> None:
                 head_object = create_head(cell.head, **settings["head"])
                 if head_object.trainable:
                     head_object.check_settings(
-                        cell.loss, cell.sampler, settings, class_counts=dummy_counts, train=train
+                        cell.loss, cell.sampler, settings, class_counts=counts, train=train
                     )
             except DecoupleError as exc:
-                message = str(exc)
-                where: KeyPath = ("grid",)
-                for method in (loss, sampler, head):
-                    if method in params:
-                        where = ("params", method)
-                        hit = next((key for key in params[method] if str(key) in message), None)
-                        if hit is not None:
-                            where = ("params", method, hit)
-                            break
-                label = "/".join(name for name in (head, loss, sampler) if name)
-                raise places.error(where, f"cell {label}: {message}") from None
+                if isinstance(exc, ClassCountError) and class_counts is None:
+                    continue  # judged against each feature file's classes by plan_sweep
+                raise places.error(
+                    _setting_place(str(exc), params, loss, sampler, head),
+                    f"{on_file}cell {_cell_label(head, loss, sampler)}: {exc}",
+                ) from None
+
+
+def _cell_label(head: str, loss: Optional[str], sampler: Optional[str]) -> str:
+    return "/".join(name for name in (head, loss, sampler) if name)
+
+
+def _setting_place(message: str, params: Mapping[str, Mapping[str, Any]], *methods: Optional[str]) -> KeyPath:
+    """The key path of the setting an error message names: params.<method>.<key>
+    for the first of ``methods`` whose settings it names, else params.<method>
+    of the last with settings, else grid."""
+    where: KeyPath = ("grid",)
+    for method in methods:
+        if method in params:
+            where = ("params", method)
+            hit = next((key for key in params[method] if str(key) in message), None)
+            if hit is not None:
+                return ("params", method, hit)
+    return where
 
 
 # ---------------------------------------------------------------------------
@@ -600,13 +630,18 @@ class SweepPlan:
     feature_sha256: Dict[str, str]
 
 
+def train_identity(head: str, train: Mapping[str, Any]) -> Dict[str, Any]:
+    """The training settings (a TrainConfig as a dict) that change what a cell
+    of ``head`` computes: all but the device for a trained head, only the
+    shot-group thresholds for one that does not train (ncm, knn)."""
+    if head_takes_loss(head):
+        return {k: v for k, v in train.items() if k not in _KEYLESS_TRAIN_FIELDS}
+    return {k: v for k, v in train.items() if k in _EVAL_TRAIN_FIELDS}
+
+
 def cell_key(cell: Any, spec: FeatureSpec, features_sha256: str, train: Any) -> str:
     """The resume key of one cell: what it computes, nothing about how fast."""
-    train_fields = dataclasses.asdict(train)
-    if head_takes_loss(cell.head):
-        train_fields = {k: v for k, v in train_fields.items() if k not in _KEYLESS_TRAIN_FIELDS}
-    else:
-        train_fields = {k: v for k, v in train_fields.items() if k in _EVAL_TRAIN_FIELDS}
+    train_fields = train_identity(cell.head, dataclasses.asdict(train))
     return _sha256_json(
         {
             "features": spec.path,
@@ -639,8 +674,13 @@ def plan_sweep(config: SweepConfig, *, db: Optional[str] = None, train_overrides
     """Check the feature files, key every cell and look up the finished ones."""
     from .results import ResultStore
 
+    from .features import read_train_counts
+
     check_feature_files(config)
     train = config.train_config(**dict(train_overrides or {}))
+    places = _Places(config.source, dict(config.lines))
+    for spec in config.features:
+        _check_cells(places, config, class_counts=read_train_counts(spec.path), features=spec.path, train=train)
     db_path = db or config.db
     hashes = {spec.path: file_sha256(spec.path) for spec in config.features}
     cells = [

@@ -67,11 +67,13 @@ def test_tau_norm_chooses_tau_on_val_from_the_grid(gaussian_feature_set):
     assert head.tau_ in DEFAULT_TAUS
     assert len(head.tau_scores_) == len(DEFAULT_TAUS)
     assert head.tau_scores_[DEFAULT_TAUS.index(head.tau_)] == max(head.tau_scores_)
+    # The rule acts on the weights as trained, in the standardised feature
+    # space: coef_ = W diag(scale_) there.
     fixed = _fit("tau_norm", gaussian_feature_set, taus=[0.0])
-    norms = np.linalg.norm(fixed.coef_, axis=1)
+    norms = np.linalg.norm(fixed.coef_ / fixed.scale_, axis=1)
     assert fixed.tau_ == 0.0 and norms.std() > 0
     unit = _fit("tau_norm", gaussian_feature_set, taus=[1.0])
-    norms = np.linalg.norm(unit.coef_, axis=1)
+    norms = np.linalg.norm(unit.coef_ / unit.scale_, axis=1)
     np.testing.assert_allclose(norms, norms[0], rtol=1e-4)  # tau = 1: equal norms
 
 

@@ -1,6 +1,7 @@
 """Mixed precision (TrainConfig.precision) in the fused trainer: accuracy
-beside float32, reproducibility, what is recorded, bad values; and the
-losses' applies_own_scale flag the cosine head relies on."""
+beside float32 on any CPU, reproducibility, what is recorded, "auto" being
+float32 on a CPU, bad values; and the losses' applies_own_scale flag the
+cosine head relies on."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ import torch
 
 from decouple.errors import ConfigError
 from decouple.losses import LOSSES, create_loss
-from decouple.stage_two import (
-    PRECISIONS,
-    Cell,
-    PreparedData,
-    TrainConfig,
-    fit_cells,
-    native_bfloat16,
-    train_heads,
-)
 from decouple.samplers import create_sampler
+from decouple.stage_two import PRECISIONS, Cell, PreparedData, TrainConfig, fit_cells, train_heads
+from decouple.synthetic import gaussian_long_tailed, nearest_mean_accuracy
 
 # One fused pass per (sampler, family): linear (with tau_norm and lws on the
 # ce weights), cosine with and without LDAM, and a class-balanced sampler.
@@ -38,30 +32,49 @@ CELLS = [
 
 
 @pytest.fixture(scope="module")
-def by_precision(gaussian_feature_set):
-    """precision -> results of CELLS with the default training (30 epochs)."""
+def separated():
+    """(FeatureSet, true class means): long-tailed Gaussian classes so far
+    apart (radius 12 against unit noise in 32 dimensions, 500 down to 5
+    training rows) that a test image lies more than 8 noise deviations from
+    every boundary between its class and another: any correct training
+    classifies (almost) all of them, in any precision, on any CPU. (Focal
+    loss, which by design stops pushing confident examples, leaves about
+    one tail image in a hundred on the prior's side.)"""
+    return gaussian_long_tailed(radius=12.0, seed=5)
+
+
+@pytest.fixture(scope="module")
+def by_precision(separated):
+    """precision -> results of CELLS on the separated data, default training."""
     return {
-        precision: fit_cells(gaussian_feature_set, CELLS, train=TrainConfig(device="cpu", precision=precision))
+        precision: fit_cells(separated[0], CELLS, train=TrainConfig(device="cpu", precision=precision))
         for precision in ("float32", "bfloat16")
     }
 
 
-def test_bfloat16_scores_like_float32(by_precision):
+def test_bfloat16_scores_like_float32(by_precision, separated):
+    # The expected score comes from the data, not from the trainer: the
+    # nearest true mean classifies every test image, so must both precisions,
+    # cell by cell and shot group by shot group, but for focal's rare miss.
+    feature_set, means = separated
+    test = feature_set.splits["test"]
+    assert nearest_mean_accuracy(test.features, test.labels, means) == 1.0
     for single, mixed in zip(by_precision["float32"], by_precision["bfloat16"]):
-        name = f"{single.head}/{single.loss}/{single.sampler}"
-        for split in ("val", "test"):
-            # Measured: at most 0.15 points top1 and 0.33 points few apart.
-            assert abs(mixed.metrics[split]["top1"] - single.metrics[split]["top1"]) <= 0.01, (name, split)
-            assert abs(mixed.metrics[split]["few"] - single.metrics[split]["few"]) <= 0.03, (name, split)
+        assert (single.head, single.loss, single.sampler) == (mixed.head, mixed.loss, mixed.sampler)
+        for result in (single, mixed):
+            for metric in ("top1", "many", "medium", "few"):
+                score = result.metrics["test"][metric]
+                assert score >= 0.98, (result.head, result.loss, result.params["train"]["precision"], metric)
 
 
-def test_bfloat16_keeps_the_acceptance_margins(by_precision):
-    results = {(r.head, r.loss, r.sampler): r.metrics["test"] for r in by_precision["bfloat16"]}
+def test_bfloat16_keeps_the_acceptance_margins(gaussian_feature_set):
+    results = fit_cells(gaussian_feature_set, CELLS, train=TrainConfig(device="cpu", precision="bfloat16"))
+    results = {(r.head, r.loss, r.sampler): r.metrics["test"] for r in results}
     ce = results[("linear", "ce", "instance")]
     balanced = results[("linear", "balanced_softmax", "instance")]
     assert balanced["top1"] >= ce["top1"] + 0.04
     assert balanced["few"] >= ce["few"] + 0.15
-    assert results[("cosine", "ldam", "instance")]["few"] > results[("cosine", "ce", "instance")]["few"]
+    assert results[("cosine", "ldam", "instance")]["few"] >= results[("cosine", "ce", "instance")]["few"] + 0.05
 
 
 def test_the_precision_used_is_recorded(by_precision):
@@ -71,13 +84,21 @@ def test_the_precision_used_is_recorded(by_precision):
     assert TrainConfig().precision == "auto"  # resolved by validated(), never recorded as "auto"
 
 
-def test_auto_resolves_to_what_the_device_does_natively(gaussian_feature_set):
-    expected = "bfloat16" if native_bfloat16("cpu") else "float32"
-    train = TrainConfig(device="cpu", precision="auto", epochs=2)
-    assert train.validated().precision == expected
-    assert train.to_dict()["precision"] == expected
+def test_auto_is_float32_on_any_cpu(gaussian_feature_set):
+    # Whatever the CPU's instruction set (AVX512-BF16, AMX, NEON or none).
+    train = TrainConfig(device="cpu", epochs=2)
+    assert train.precision == "auto"
+    assert train.validated().precision == "float32"
+    assert train.to_dict()["precision"] == "float32"
     result = fit_cells(gaussian_feature_set, [Cell("linear", "ce")], train=train)[0]
-    assert result.params["train"]["precision"] == expected
+    assert result.params["train"]["precision"] == "float32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_is_bfloat16_on_a_gpu_that_has_it():
+    # bf16 tensor cores arrived with compute capability 8.0 (Ampere).
+    expected = "bfloat16" if torch.cuda.get_device_capability() >= (8, 0) else "float32"
+    assert TrainConfig(device="cuda").validated().precision == expected
 
 
 def test_bfloat16_is_deterministic_on_the_cpu(gaussian_feature_set):

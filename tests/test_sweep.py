@@ -160,7 +160,7 @@ BAD_CONFIGS = [
         grid: {head: [linear], loss: [ce]}
         train: {epoch: 3}
         """,
-        r"train\.epoch: unknown train setting 'epoch' \(did you mean 'epochs'\?\); known train settings: epochs, lr",
+        r"train\.epoch: unknown train setting 'epoch' \(did you mean 'epochs'\?\); known train settings: epochs, min_steps",
     ),
     (
         """
@@ -168,7 +168,7 @@ BAD_CONFIGS = [
         grid: {head: [linear], loss: [ce]}
         train: {lr: fast}
         """,
-        r"train\.lr: must be float; got 'fast'",
+        r"train\.lr: must be float or null; got 'fast'",
     ),
     (
         """
