@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import click
 
 
@@ -10,10 +12,11 @@ import click
               help="Folder for the data, features, results database, tables and plots.")
 @click.option("--finetune-epochs", type=int, default=30, show_default=True,
               help="Stage-one epochs of the CIFAR ResNet-32.")
-@click.option("--head-epochs", type=int, default=30, show_default=True, help="Stage-two epochs per head.")
+@click.option("--head-epochs", type=int, default=None,
+              help="Stage-two epochs per head [the default budget, which trains each head to convergence].")
 @click.option("--imbalance", type=float, default=10.0, show_default=True,
               help="Imbalance factor of the long-tailed training split.")
-def demo(out_dir: str, finetune_epochs: int, head_epochs: int, imbalance: float) -> None:
+def demo(out_dir: str, finetune_epochs: int, head_epochs: Optional[int], imbalance: float) -> None:
     """Run stage one, every head x loss x sampler, and export, on built-in data.
 
     The data are scikit-learn's 1,797 handwritten digits (8x8, upscaled to

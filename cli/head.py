@@ -28,14 +28,17 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 @click.option("--head", "head_name", default="linear", show_default=True, metavar="NAME",
               help="Classifier head (`decouple list heads`).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs [30].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [0.1, SGD].")
+@click.option("--epochs", type=int, default=None,
+              help="Train exactly this many epochs [the default budget: at least --min-steps "
+                   "optimizer steps and 10 epochs, which trains a head to convergence on any file size].")
+@click.option("--min-steps", type=int, default=None, help="Optimizer steps of the default budget [600].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [0.05 for adam, 0.1 for sgd].")
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size [512].")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer [sgd].")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd", "adamw"]), default=None, help="Optimizer [adam].")
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Precision of the training matrix products [auto: bfloat16 where the device "
-                   "has it natively, else float32]. Recorded in params.train.")
+              help="Precision of the training matrix products [auto: bfloat16 on a CUDA GPU "
+                   "with native bf16, float32 on any CPU]. Recorded in params.train.")
 @shot_threshold_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--output", default=None, metavar="results.jsonl",
@@ -47,6 +50,7 @@ def head(
     head_name: str,
     seed: int,
     epochs: Optional[int],
+    min_steps: Optional[int],
     lr: Optional[float],
     batch_size: Optional[int],
     optimizer: Optional[str],
@@ -60,8 +64,8 @@ def head(
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
     from decouple.stage_two import Cell, TrainConfig, fit_file
 
-    overrides = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, device=device,
-                     precision=precision)
+    overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                     device=device, precision=precision)
     train = TrainConfig(
         many_threshold=many_threshold,
         few_threshold=few_threshold,

@@ -1,9 +1,11 @@
-"""Atomic file writes: write beside the target, rename at the end.
+"""Atomic, durable file writes: write beside the target, flush to disk, rename.
 
-A reader, a crash or a full disk never sees half a file: the data go to a
-temporary file in the target's folder (same file system, so the rename is
-atomic), which replaces the target only once it is complete and is removed
-if writing fails.
+A reader, a crash, a power cut or a full disk never sees half a file: the
+data go to a temporary file in the target's folder (same file system, so the
+rename is atomic), which is flushed to the disk (``fsync``) and only then
+replaces the target; the folder is flushed too, so that the rename itself
+survives a power cut. A temporary file whose writing fails is removed, and
+the target is left as it was.
 """
 
 from __future__ import annotations
@@ -22,9 +24,34 @@ def temporary_sibling(path: PathLike) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
+def fsync_path(path: PathLike) -> None:
+    """Flush a file's data, or a folder's entries, to the disk. Folders cannot
+    be opened on Windows, whose renames need no such flush; there it is a no-op."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def commit(tmp: PathLike, path: PathLike) -> Path:
+    """Make the complete file ``tmp`` the file ``path``: flush it, rename it
+    over ``path`` (atomic), then flush the folder so the rename is durable."""
+    path = Path(path)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    return path
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed to ``path``.
+    """Yield a temporary path to write; on success it is committed to ``path``.
 
     ::
 
@@ -40,7 +67,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = temporary_sibling(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

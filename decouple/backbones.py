@@ -244,12 +244,18 @@ def create_backbone(
     if pretrained and weights is not None:
         raise DecoupleError("--pretrained and --weights exclude each other; pass one")
     if pretrained:
+        if not (timm.list_pretrained(name) or timm.list_pretrained(f"{name}.*")):
+            raise DecoupleError(
+                f"--pretrained: timm has no pretrained weights for {name!r}; "
+                f"pass a local state dict with --weights FILE, or leave --pretrained out"
+            )
         try:
             with _hub_offline_unless_reachable():
                 model = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
-        except DecoupleError:
-            raise
-        except Exception as exc:  # network, hub, or missing-url errors all mean the same here
+        except OSError as exc:
+            # The network, the hub and its cache fail with OSErrors (the hub's
+            # own errors derive from it); anything else is a real error and
+            # goes through with its own message.
             text = str(exc).strip() or type(exc).__name__
             reason = text.splitlines()[0].split(". ")[0].rstrip(".")[:140]
             raise DecoupleError(

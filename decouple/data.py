@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, temporary_sibling
 from .errors import ConfigError, DataError
 from .profiles import exponential_counts
 from .registry import Registry
@@ -135,15 +135,32 @@ class Manifest:
 # --------------------------------------------------------------------------- manifest I/O
 
 
-def save_manifest(manifest: Manifest, path: PathLike) -> Path:
-    """Write ``path,label,split`` CSV (paths relative to the CSV's folder), atomically."""
+def save_manifest(manifest: Manifest, path: PathLike, *, staged: bool = False) -> Path:
+    """Write ``path,label,split`` CSV (paths relative to the CSV's folder), atomically.
+
+    ``staged``: write the complete file beside ``path`` and return that
+    temporary path, for the caller to :func:`~decouple.atomic.commit` to
+    ``path`` together with other files (or remove); ``path`` is untouched.
+    """
     path = Path(path)
+    if staged:
+        tmp = temporary_sibling(path)
+        _write_manifest_csv(manifest, tmp, relative_to=path.parent)
+        return tmp
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        _write_manifest_csv(manifest, tmp, relative_to=path.parent)
+    return path
+
+
+def _write_manifest_csv(manifest: Manifest, target: Path, *, relative_to: Path) -> None:
+    try:
+        with open(target, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(MANIFEST_COLUMNS)
-            writer.writerows(manifest.rows(relative_to=path.parent))
-    return path
+            writer.writerows(manifest.rows(relative_to=relative_to))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(path: PathLike) -> Manifest:

@@ -49,8 +49,9 @@ def write_digits_folder(root: Path, *, test_per_class: int = 50, size: int = 32,
     return root
 
 
-def demo_sweep_config(features_path: Path, db_path: Path, *, seeds: List[int], epochs: int) -> Dict:
-    """Every registered head, loss and sampler over the demo's feature file."""
+def demo_sweep_config(features_path: Path, db_path: Path, *, seeds: List[int], epochs: Optional[int] = None) -> Dict:
+    """Every registered head, loss and sampler over the demo's feature file;
+    ``epochs`` None trains with stage two's default budget."""
     from .heads import HEADS
     from .losses import LOSSES
     from .samplers import SAMPLERS
@@ -63,7 +64,7 @@ def demo_sweep_config(features_path: Path, db_path: Path, *, seeds: List[int], e
             "sampler": SAMPLERS.names(),
             "seed": list(seeds),
         },
-        "train": {"epochs": epochs},
+        "train": {} if epochs is None else {"epochs": epochs},
         "db": str(db_path),
     }
 
@@ -73,7 +74,7 @@ def run_demo(
     *,
     imbalance: float = 10.0,
     finetune_epochs: int = 30,
-    head_epochs: int = 30,
+    head_epochs: Optional[int] = None,
     seeds: Optional[List[int]] = None,
     top: int = 12,
     log: Callable[[str], None] = print,

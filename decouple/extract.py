@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import commit
 from .backbones import create_backbone, embed, embedding_dim, has_fixed_input_size, model_input_size, state_dict_sha256
 from .data import ImageDataset, Manifest, SplitItems, native_image_size, prepare_manifest, save_manifest
 from .errors import ConfigError, DecoupleError
@@ -343,7 +344,11 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
             if dist.is_main
             else contextlib.nullcontext()
         )
-        manifest_written: Optional[Path] = None
+        # A rerun replaces the previous run's feature file and manifest only
+        # once both new ones are complete: the features go to a temporary
+        # file the writer commits on exit, the manifest to one committed
+        # right after; a failure anywhere leaves the previous pair intact.
+        staged_manifest: Optional[Path] = None
         try:
             with writer_cm as writer:
                 for name, items in manifest.splits.items():
@@ -375,11 +380,13 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
                             generator=generator,
                         )
                     say(f"embedded train views: {len(train)} x {config.views} x {dim}")
-                if dist.is_main:  # before the feature file's rename, removed if that fails
-                    manifest_written = save_manifest(manifest, paths["manifest"])
+                if dist.is_main:  # complete before the feature file's commit, removed if that fails
+                    staged_manifest = save_manifest(manifest, paths["manifest"], staged=True)
+            if staged_manifest is not None:
+                commit(staged_manifest, paths["manifest"])
         except BaseException as exc:
-            if manifest_written is not None:
-                manifest_written.unlink(missing_ok=True)
+            if staged_manifest is not None:
+                staged_manifest.unlink(missing_ok=True)
             if isinstance(exc, OSError) and is_disk_full(exc):
                 raise DecoupleError(
                     f"{paths['out']}: no space left on device while writing features; "

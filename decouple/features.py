@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import temporary_sibling
+from .atomic import commit, temporary_sibling
 from .errors import FeatureFileError
 
 FORMAT = "decouple-features"
@@ -361,7 +361,7 @@ class FeatureWriter:
             self._discard()
             return
         try:
-            os.replace(self.tmp_path, self.path)
+            commit(self.tmp_path, self.path)
         except OSError:
             self._discard()
             raise

@@ -212,6 +212,11 @@ class LongTailLoss(nn.Module):
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         """Tell the loss which epoch (0-based) of ``total_epochs`` starts; no-op by default."""
 
+    def reseed(self, seed: int) -> None:
+        """Draw the loss's random numbers from a generator of its own seeded
+        with ``seed`` (so a run does not depend on what else draws); no-op for
+        a loss that draws none."""
+
     def _check_inputs(self, logits: Tensor, target: Tensor) -> None:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -562,7 +567,9 @@ class EqualizationLoss(LongTailLoss):
 
     with f_k = n_k / N the class frequency, T_lambda(f) = 1 if f < lambda else
     0, and beta_ik ~ Bernoulli(``gamma``) drawn per sample and class with
-    torch's random generator (so the global torch seed reproduces it);
+    torch's global random generator, or after :meth:`reseed` with a
+    generator of the loss's own (stage two reseeds with the cell's seed, so
+    the draws of one head never depend on the others trained beside it);
     ``gamma`` = 0.9 as in the paper. Since w_ik is 0 or 1, suppressed logits
     are masked to -inf inside a log-sum-exp. The paper tunes the frequency
     threshold per data set (1.76e-3 on LVIS); here ``lambda_`` defaults to
@@ -588,12 +595,25 @@ class EqualizationLoss(LongTailLoss):
         tail = frequency < threshold
         self.register_buffer("tail", torch.as_tensor(tail), persistent=False)
         self._has_tail = bool(tail.any())  # kept on the host: no device sync per step
+        self._seed: Optional[int] = None
+        self._generator: Optional[torch.Generator] = None
+
+    def reseed(self, seed: int) -> None:
+        self._seed, self._generator = int(seed), None
+
+    def _draw_generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if self._seed is None:
+            return None  # torch's global generator
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generator
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_inputs(logits, target)
         logits = logits.to(_compute_dtype(logits))
         if self.gamma > 0.0 and self._has_tail:
-            drop = torch.rand(logits.shape, device=logits.device) < self.gamma
+            generator = self._draw_generator(logits.device)
+            drop = torch.rand(logits.shape, device=logits.device, generator=generator) < self.gamma
             drop &= self.tail[None, :]
             drop.scatter_(1, target[:, None], False)  # the target class is never suppressed
             logits = logits.masked_fill(drop, float("-inf"))

@@ -237,14 +237,22 @@ class ResultStore:
             )
         if self.readonly:
             return  # an empty file: reads find no cells
-        with self._conn:
-            for statement in _SCHEMA.strip().split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
-            self._conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))],
-            )
+        # One transaction: sqlite3 would commit each CREATE on its own, so a
+        # crash between them would leave tables without the meta row, a file
+        # refused ever after. BEGIN IMMEDIATE also takes the write lock, so a
+        # second process creating the same database waits, then finds it made.
+        with self._conn:  # COMMIT, or ROLLBACK on any exception
+            self._conn.execute("BEGIN IMMEDIATE")
+            if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                for statement in _SCHEMA.strip().split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))],
+                )
+                return
+        self._check_or_create()  # another process made it meanwhile: check what it made
 
     # -- context manager ---------------------------------------------------------
 

@@ -15,33 +15,37 @@ every head's logits, each head's loss is applied to its own slice and the
 summed losses are backpropagated. Heads share no parameter, so the gradient
 of head k is that of its own loss: this is K separate trainings on the same
 batches with the same initialisation, done in one pass. (The optimisers'
-updates are element-wise, so SGD and AdamW keep that equivalence.)
+updates are element-wise, so Adam, SGD and AdamW keep that equivalence.)
 
-Training details, chosen to work out of the box on any backbone's features:
+Training details, chosen so that every head reaches its optimum out of the
+box, on any backbone's features and any file size (issue 8; measured in
+``tests/test_convergence.py`` against a converged L-BFGS fit):
 
-* Features are centred on the training mean and scaled so that the
-  root-mean-square norm of a training row is FEATURE_NORM (10); the learned
-  weights are mapped back to the original feature space afterwards. One
-  learning rate then suits any feature dimension and scale. (The cosine
-  head normalises the original, uncentred rows instead.)
-* Mini-batch SGD with momentum (or AdamW) under a cosine learning-rate
-  schedule, batches drawn from the sampler's ``epoch_indices()``.
+* Features are standardised with train statistics: every feature centred
+  and scaled to the same spread, a row's root-mean-square norm FEATURE_NORM
+  (:class:`PreparedData`); the learned weights are mapped back to the
+  original feature space afterwards. The cosine head normalises these
+  standardised rows.
+* Adam (or SGD with momentum, or AdamW) under a cosine learning-rate
+  schedule, batches drawn from the sampler's ``epoch_indices()``, for a
+  budget of optimizer steps rather than a fixed epoch count
+  (:class:`TrainConfig`): a small file gets as many steps as a large one.
 * After every epoch each head is scored on val (one matrix product for all
-  heads) by mean per-class accuracy; each head keeps its best epoch. The
-  choice is never made on test. Without a val split the last epoch is kept
-  and the result records ``"selected_on": "last_epoch"``.
+  heads) by mean per-class accuracy, and :class:`EpochChooser` keeps the
+  latest epoch within one standard error of its best. The choice is never
+  made on test. Without a val split the last epoch is kept and the result
+  records ``"selected_on": "last_epoch"``.
 * The same seed gives the same numbers on the CPU: initial weights come from
-  ``seed``, batches from the sampler's (seed, epoch) draws, and torch's
-  global generator (used by the equalization loss) is seeded from ``seed``
-  inside the pass without disturbing the caller's. (Equalization's random
-  draws interleave with other heads' in a fused pass, so there it matches a
-  separate run in distribution, not bit for bit.)
+  ``seed``, batches from the sampler's (seed, epoch) draws, and a loss that
+  draws random numbers (equalization) draws them from a generator of its
+  own seeded with ``seed`` (``LongTailLoss.reseed``), so a fused pass equals
+  separate runs bit for bit and a resumed sweep equals an uninterrupted one.
 * On the CPU, small problems train on one thread (SMALL_STEP_MACS).
-* ``TrainConfig.precision`` "bfloat16" (or "auto" on hardware with native
-  bf16) runs the two large products of each step in bfloat16 with float32
-  master weights, optimiser state and losses (:func:`train_heads`); the
-  precision used is recorded in every result's ``params["train"]``. The
-  default is "auto".
+* ``TrainConfig.precision`` "float32" (the default on any CPU) or
+  "bfloat16" (the default on a CUDA GPU with native bf16, an opt-in on a
+  CPU) for the two large products of each step, with float32 master
+  weights, optimiser state and losses (:func:`train_heads`); the precision
+  used is recorded in every result's ``params["train"]``.
 """
 
 from __future__ import annotations
@@ -633,6 +637,8 @@ def train_heads(
     # rounding differs from the per-tensor update's in float32.
     optimizer = make_optimizer(groups, train, fused=True if mixed else None)
     losses = [loss.to(device) for loss in losses]
+    for loss in losses:
+        loss.reseed(int(seed))
 
     def logits_of(x):
         if mixed:
@@ -655,12 +661,8 @@ def train_heads(
     chooser = EpochChooser(num_heads, epochs)
     best_weight = best_bias = None
     step = 0
-    cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    # Seed torch's generator for losses that draw (equalization) without
-    # touching the caller's global random state.
     macs_per_step = min(train.batch_size, num_rows) * dim * num_heads * num_classes
-    with torch.random.fork_rng(devices=cuda_devices), cpu_threads_for(device, macs_per_step):
-        torch.manual_seed(int(seed))
+    with cpu_threads_for(device, macs_per_step):
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             for loss in losses:

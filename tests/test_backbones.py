@@ -59,8 +59,21 @@ def test_pretrained_offline_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(DecoupleError, match=r"--pretrained: timm weights for 'test_resnet' cannot be had offline .*--weights FILE") as info:
         create_backbone("test_resnet", num_classes=3, pretrained=True)
     assert "\n" not in str(info.value) and time.perf_counter() - started < 10
-    with pytest.raises(DecoupleError, match="resnet32_cifar' cannot be had offline"):
+    with pytest.raises(DecoupleError, match="timm has no pretrained weights for 'resnet32_cifar'; .*--weights FILE"):
         create_backbone("resnet32_cifar", num_classes=3, pretrained=True)
+
+
+def test_a_real_error_under_pretrained_keeps_its_own_message(monkeypatch):
+    # Only network and hub failures (OSErrors) read "cannot be had offline".
+    import timm
+
+    def broken(*args, **kwargs):
+        raise ValueError("drop_rate must be a float, got 'high'")
+
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(ValueError, match="drop_rate must be a float") as info:
+        create_backbone("test_resnet", num_classes=3, pretrained=True)
+    assert not isinstance(info.value, DecoupleError)
 
 
 def test_efficientnet_lite0_file_loads_by_position():

@@ -176,3 +176,55 @@ def test_per_class_plots_once_per_feature_file(tmp_path):
         ["groups_test.png", "groups_test.svg", "per_class_resnet_lt_test.png", "per_class_resnet_lt_test.svg",
          "per_class_vit_lt_test.png", "per_class_vit_lt_test.svg"]
     )
+
+
+def _variant(loss, seed, *, gamma=None, precision="float32", sha="ab", top1=0.5):
+    record = make_record("linear", loss, "instance", seed, top1=top1,
+                         key=f"{loss}-{seed}-{gamma}-{precision}-{sha}")
+    record.params = {"epoch": 3 + seed, "tau": seed, "loss": {} if gamma is None else {"gamma": gamma}}
+    record.train = {"epochs": None, "lr": 0.05, "precision": precision, "device": f"cuda:{seed}"}
+    record.features_sha256 = sha * 32
+    return record
+
+
+def test_rows_average_only_cells_that_differ_in_the_seed_alone(tmp_path):
+    # Two gammas of focal and two precisions of ce, two seeds each; the
+    # per-seed choices (epoch, tau) and the device differ too but are not settings.
+    path = tmp_path / "mixed.db"
+    with ResultStore(path) as store:
+        for seed in (0, 1):
+            store.insert(_variant("focal", seed, gamma=1.0, top1=0.40 + 0.02 * seed))
+            store.insert(_variant("focal", seed, gamma=2.0, top1=0.80 + 0.02 * seed))
+            store.insert(_variant("ce", seed, precision="float32", top1=0.50 + 0.02 * seed))
+            store.insert(_variant("ce", seed, precision="bfloat16", top1=0.60 + 0.02 * seed))
+    table = summarize(stored(path), splits=["test"], metrics=["top1"])
+    assert table.row_fields == ["head", "loss"]
+    by_label = {row.label(table.row_fields): row for row in table.rows}
+    assert set(by_label) == {
+        "linear / focal (gamma=1.0)", "linear / focal (gamma=2.0)",
+        "linear (precision=float32) / ce", "linear (precision=bfloat16) / ce",
+    }
+    # make_record's test top-1 is its top1 + 0.01; the seeds add 0 and 0.02.
+    for label, mean in (("linear / focal (gamma=1.0)", 0.42), ("linear / focal (gamma=2.0)", 0.82),
+                        ("linear (precision=float32) / ce", 0.52), ("linear (precision=bfloat16) / ce", 0.62)):
+        row = by_label[label]
+        assert row.cells == 2 and row.seeds == [0, 1]
+        assert row.stats[("test", "top1")].mean == pytest.approx(mean)  # never the 62.0 ± 23.1 of a mix
+        assert row.stats[("test", "top1")].std == pytest.approx(0.02 * math.sqrt(0.5))
+    markdown = render(stored(path), format="markdown", splits=["test"], metrics=["top1"])
+    assert "| linear | focal (gamma=2.0) |" in markdown and "over 2 seed(s)" in markdown
+    summary = list(csv.DictReader(io.StringIO(render(stored(path), format="csv", summary=True,
+                                                     splits=["test"], metrics=["top1"]))))
+    assert sorted(row["seeds"] for row in summary) == ["2", "2", "2", "2"]
+
+
+def test_a_changed_feature_file_is_its_own_row(tmp_path):
+    path = tmp_path / "files.db"
+    with ResultStore(path) as store:
+        for seed in (0, 1):
+            store.insert(_variant("ce", seed, sha="ab", top1=0.5))
+            store.insert(_variant("ce", seed, sha="cd", top1=0.7))
+    table = summarize(stored(path), splits=["test"], metrics=["top1"])
+    labels = sorted(row.label(table.row_fields) for row in table.rows)
+    assert labels == [f"toy (sha256={'ab' * 6})", f"toy (sha256={'cd' * 6})"]
+    assert all(row.cells == 2 for row in table.rows)

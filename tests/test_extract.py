@@ -38,6 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def cifar_subset(tmp_path_factory) -> Path:
     """cifar10/{train,test}/<class>/00NN.jpg, the first PER_CLASS of each class."""
     if not TARBALL.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{TARBALL} not present: CI must run the stage-one tests on real images")
         pytest.skip(f"{TARBALL} not present")
     root = tmp_path_factory.mktemp("cifar")
     wanted = {f"{i:04d}.jpg" for i in range(PER_CLASS)}
@@ -270,3 +272,30 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
     data = tiny_folder(tmp_path / "d", ["ant", "bee"])
     assert_bad_input(invoke(small_args(data, tmp_path / "f")), "no space left on device", "temporary file was removed")
     assert leftovers(tmp_path / "f") == []
+
+
+@pytest.mark.parametrize("failure", ["embedding", "feature_commit"])
+def test_a_failed_rerun_leaves_the_previous_run_intact(tmp_path, monkeypatch, failure):
+    # The new manifest is committed right after the new feature file, and
+    # neither before both are complete.
+    import decouple.extract
+    import decouple.features
+
+    data = tiny_folder(tmp_path / "d", ["ant", "bee", "cow"])
+    out = tmp_path / "f"
+    assert invoke(small_args(data, out, "--name", "run", "--img-size", "16")).exit_code == 0
+    before = {name: (out / name).read_bytes() for name in leftovers(out)}
+    assert set(before) == {"run.h5", "run.manifest.csv"}
+    (data / "cow" / "extra.png").write_bytes((data / "cow" / "0.png").read_bytes())  # a changed rerun
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, f"injected failure in {failure}")
+
+    if failure == "embedding":
+        monkeypatch.setattr(decouple.extract, "embed_split", fail)
+    else:
+        monkeypatch.setattr(decouple.features, "commit", fail)
+    result = invoke(small_args(data, out, "--name", "run", "--img-size", "16"))
+    assert result.exit_code != 0
+    after = {name: (out / name).read_bytes() for name in leftovers(out)}
+    assert after == before  # byte for byte, and no temporary file left

@@ -387,6 +387,28 @@ def test_ldam_default_drw_epoch_is_80_percent():
     assert loss.drw_active
 
 
+def test_ldam_drw_fraction_moves_the_default_start():
+    loss = create_loss("ldam", class_counts=COUNTS, drw_fraction=0.5)
+    assert loss.drw_start(200) == 100 and loss.drw_start(37) == 18
+    assert create_loss("ldam", class_counts=COUNTS, drw_fraction=0.5, drw_epoch=7).drw_start(200) == 7
+    with pytest.raises(ConfigError, match="drw_fraction"):
+        create_loss("ldam", class_counts=COUNTS, drw_fraction=1.5)
+
+
+def test_a_reseeded_equalization_loss_draws_from_its_own_generator():
+    loss = create_loss("equalization", class_counts=[100, 1], gamma=0.5)
+    logits = torch.tensor([[0.0, 1.0]]).expand(1000, 2)
+    target = torch.zeros(1000, dtype=torch.long)
+    loss.reseed(7)
+    first = float(loss(logits, target))
+    torch.manual_seed(123)  # the global generator no longer matters
+    torch.rand(10)
+    loss.reseed(7)
+    assert float(loss(logits, target)) == first
+    loss.reseed(8)
+    assert float(loss(logits, target)) != first
+
+
 def test_equalization_is_reproducible_and_drops_with_probability_gamma():
     # One tail class (frequency 1/101 < 1/2) and identical rows: each row's loss is
     # either the full softmax or the one without class 1, so the batch mean reveals

@@ -66,3 +66,29 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
             raise RuntimeError("crash")
     assert target.read_bytes() == b"one\r\n"
     assert sorted(path.name for path in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_writes_flush_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import decouple.atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        info = os.fstat(descriptor)
+        events.append(("fsync", "folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        events.append(("replace", os.stat(source).st_ino))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(decouple.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(decouple.atomic.os, "replace", replace)
+    target = tmp_path / "out.txt"
+    write_text_atomic(target, "durable")
+    file_inode, folder_inode = target.stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", "file", file_inode), ("replace", file_inode), ("fsync", "folder", folder_inode)]

@@ -125,3 +125,36 @@ def test_foreign_files_are_refused(tmp_path):
     text.write_text("not sqlite at all, clearly" * 20)
     with pytest.raises(DecoupleError, match="cannot be read"):
         ResultStore.open_existing(text)
+
+
+def test_a_crash_while_creating_the_schema_leaves_a_database_that_opens(tmp_path):
+    # The process dies right after the first CREATE TABLE. Created table by
+    # table (autocommitted), that left tables without the meta row and a file
+    # refused ever after; in one transaction SQLite rolls it back.
+    import subprocess
+    import sys
+    import textwrap
+
+    db = tmp_path / "results.db"
+    script = textwrap.dedent(f"""
+        import os, sqlite3
+        import decouple.results as results
+
+        class DiesAfterFirstCreate(sqlite3.Connection):
+            def execute(self, sql, *args):
+                cursor = super().execute(sql, *args)
+                if sql.lstrip().upper().startswith("CREATE TABLE"):
+                    os._exit(3)
+                return cursor
+
+        real_connect = sqlite3.connect
+        results.sqlite3.connect = lambda *a, **k: real_connect(*a, factory=DiesAfterFirstCreate, **k)
+        results.ResultStore({str(db)!r})
+    """)
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert crashed.returncode == 3, crashed.stderr
+    assert db.exists()
+    with ResultStore(db) as store:  # opens, makes the schema, takes cells
+        assert store.insert(make_record())
+    with ResultStore.open_existing(db) as store:
+        assert store.count() == 1

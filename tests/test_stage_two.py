@@ -179,7 +179,7 @@ def test_fused_training_equals_separate_training(gaussian_feature_set):
         val_labels=gaussian_feature_set.splits["val"].labels,
     )
     counts = data.class_counts
-    names = ["ce", "balanced_softmax", "ldam", "focal"]
+    names = ["ce", "balanced_softmax", "ldam", "focal", "equalization"]  # equalization draws its own
     labels = gaussian_feature_set.splits["train"].labels
 
     def sampler():

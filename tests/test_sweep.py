@@ -52,7 +52,7 @@ def small_config(features_path: str, db: Path, **extra: str) -> str:
         features: [{features_path}]
         grid:
           head: [linear, ncm]
-          loss: [ce, balanced_softmax, focal]
+          loss: [ce, balanced_softmax, focal, equalization]
           sampler: [instance, class_balanced]
           seed: [0, 1]
         params:
@@ -306,7 +306,7 @@ def full_run(tmp_path_factory, features_path):
     db = root / "full.db"
     path = write_config(root, small_config(features_path, db))
     summary = run_sweep(path)
-    assert summary.total == summary.ran == 2 * (6 + 1)
+    assert summary.total == summary.ran == 2 * (8 + 1)
     return path, db
 
 
@@ -329,7 +329,7 @@ def test_interrupted_sweep_resumes_to_the_same_database(tmp_path, features_path,
         if len(seen) == 5:
             raise KeyboardInterrupt
 
-    with pytest.raises(SweepInterrupted, match=r"5 of 14 cells are stored in .*rerun") as info:
+    with pytest.raises(SweepInterrupted, match=r"5 of 18 cells are stored in .*rerun") as info:
         run_sweep(path, on_result=interrupt_after_five)
     assert info.value.done == 5
     with ResultStore.open_existing(db) as store:
@@ -337,7 +337,7 @@ def test_interrupted_sweep_resumes_to_the_same_database(tmp_path, features_path,
 
     rerun_keys = []
     summary = run_sweep(path, on_result=lambda record: rerun_keys.append(record.cell_key))
-    assert summary.ran == 9 and summary.skipped == 5
+    assert summary.ran == 13 and summary.skipped == 5
     assert not set(rerun_keys) & set(seen)
     assert comparable(db) == comparable(full_db)
 
@@ -351,7 +351,7 @@ def test_a_changed_setting_never_reuses_an_old_result(tmp_path, features_path, f
     # Only the focal cells (2 samplers x 2 seeds) see gamma.
     assert sorted({p.cell.loss for p in plan.pending}) == ["focal"] and len(plan.pending) == 4
     overrides = plan_sweep(load_config(path), train_overrides={"epochs": 3})
-    assert len(overrides.pending) == 12  # every trained cell; ncm does not train
+    assert len(overrides.pending) == 16  # every trained cell; ncm does not train
     device_only = plan_sweep(load_config(path), train_overrides={"device": "cpu"})
     assert len(device_only.pending) == 4
 
@@ -379,7 +379,7 @@ def test_sweep_command_interrupted_exits_130_and_says_rerun(tmp_path, features_p
     db = tmp_path / "cli.db"
     path = write_config(tmp_path, small_config(features_path, db))
     result = CliRunner().invoke(cli, ["sweep", str(path), "--dry-run"])
-    assert result.exit_code == 0 and "14 cells: 0 already in" in result.output
+    assert result.exit_code == 0 and "18 cells: 0 already in" in result.output
 
     real_fit_cells = decouple.stage_two.fit_cells
 
@@ -397,7 +397,7 @@ def test_sweep_command_interrupted_exits_130_and_says_rerun(tmp_path, features_p
     monkeypatch.setattr(decouple.stage_two, "fit_cells", fit_then_interrupt)
     result = CliRunner().invoke(cli, ["sweep", str(path), "--no-progress"])
     assert result.exit_code == 130
-    assert "interrupted: 3 of 14 cells are stored in" in result.output
+    assert "interrupted: 3 of 18 cells are stored in" in result.output
     assert "rerun the same command" in result.output
 
 
@@ -443,3 +443,60 @@ def test_sigint_to_a_running_sweep_keeps_finished_cells(tmp_path, features_path)
     metric_rows = connection.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
     assert cells >= 2 and metric_rows == 2 * cells  # val and test of every stored cell
     assert f"{cells} of 40 cells" in stderr
+
+
+def test_per_class_settings_are_checked_against_each_files_real_class_count(tmp_path):
+    # A 43-class file: a 43-long focal alpha validates; a 42-long one fails
+    # before any cell runs, naming the file and the key path.
+    feature_set, _ = gaussian_long_tailed(num_classes=43, dim=4, n_max=40, imbalance_factor=10, n_val=2,
+                                          n_test=2, seed=0)
+    features = tmp_path / "f43.h5"
+    write_features(features, feature_set)
+    db = tmp_path / "r.db"
+
+    def config(alpha_length):
+        alpha = ", ".join(["1.0"] * alpha_length)
+        return write_config(tmp_path, f"""
+            features: [{features}]
+            grid: {{head: [linear], loss: [focal]}}
+            params:
+              focal: {{alpha: [{alpha}]}}
+            train: {{epochs: 1}}
+            db: {db}
+        """)
+
+    plan = plan_sweep(load_config(config(43)))
+    assert len(plan.pending) == 1
+    bad = config(42)
+    load_config(bad)  # the file's class count is not known from the config alone
+    with pytest.raises(ConfigError) as info:
+        run_sweep(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"line 4: params.focal.alpha: {features} (43 classes): cell linear/focal/instance: " in message
+    assert "43 numbers; got 42" in message
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt.yaml", "study_grid.yaml"])
+def test_the_shipped_configs_commands_use_real_options_and_name_their_files(name):
+    import re
+
+    from cli.main import cli
+
+    text = (ROOT / "configs" / name).read_text()
+    config = load_config(ROOT / "configs" / name)
+    commands = re.sub(r"\\\n#\s*", " ", text)  # join continued comment lines
+    for command, rest in re.findall(r"decouple (extract|sweep|export) ([^\n]*)", commands):
+        known = {option for param in cli.get_command(None, command).params for option in param.opts}
+        for option in re.findall(r"(--[a-z][a-z-]*)", rest):
+            assert option in known, f"{name}: `decouple {command}` has no option {option}"
+    backbones = re.findall(r"for B in ([^;]+);", commands)
+    made = set()
+    for run in re.findall(r"decouple extract [^\n]*--name (\S+)", commands):
+        for backbone in (backbones[0].split() if "${B}" in run else [None]):
+            made.add(f"features/{run.replace('${B}', backbone or '')}.h5")  # --features-dir features
+    assert {spec.path for spec in config.features} <= made
+    names = {spec.name for spec in config.features} | {spec.path for spec in config.features}
+    for chosen in re.findall(r"--features (\S+)", commands):
+        assert chosen in names, f"{name}: --features {chosen} names no feature file of the config"
