@@ -32,7 +32,7 @@ PRECISIONS = ("float32", "bfloat16", "auto")
               help="Train exactly this many epochs [the default budget: at least --min-steps "
                    "optimizer steps and 10 epochs, which trains a head to convergence on any file size].")
 @click.option("--min-steps", type=int, default=None, help="Optimizer steps of the default budget [600].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [0.05 for adam, 0.1 for sgd].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [0.07 for adam and adamw, 0.1 for sgd].")
 @click.option("--batch-size", type=int, default=None, help="Mini-batch size [512].")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd", "adamw"]), default=None, help="Optimizer [adam].")
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")

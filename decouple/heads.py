@@ -426,7 +426,7 @@ class LWSHead(TrainableHead):
 
         import torch
 
-        from .stage_two import EpochChooser, mean_class_score
+        from .stage_two import EpochChooser, is_checkpoint, mean_class_score
 
         steps = epochs * -(-len(data.y) // train.batch_size)
         step = 0
@@ -447,6 +447,8 @@ class LWSHead(TrainableHead):
                 step += 1
             if z_val is None:
                 chosen = (scales.detach().clone(), bias.detach().clone())
+                continue
+            if not is_checkpoint(epoch, epochs):
                 continue
             with torch.no_grad():
                 predictions = (z_val * scales + bias).argmax(dim=1, keepdim=True)
