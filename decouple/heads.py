@@ -17,9 +17,11 @@ Two kinds of head:
   index (on the GPU when FAISS sees one).
 
 Gradient heads work in the standardised feature space of
-:class:`decouple.stage_two.PreparedData` (centred on the training mean,
-row RMS norm 10) and expose ``coef_`` (C, D) and ``intercept_`` (C,)
-in the original feature space where the head is linear in the features.
+:class:`decouple.stage_two.PreparedData` (every feature centred and scaled
+to the same spread with train statistics, row RMS norm 10) and expose
+``coef_`` (C, D) and ``intercept_`` (C,) in the original feature space where
+the head is linear in the features (``mean_`` and ``scale_`` hold the
+standardisation).
 """
 
 from __future__ import annotations
@@ -116,11 +118,12 @@ class TrainableHead(Head):
 
     def training_loss_params(self, loss: str, given: Mapping[str, Any]) -> Dict[str, Any]:
         """Loss settings used to train the weights: ``given`` over the loss's
-        defaults for this head's family (e.g. LDAM's scale s, see
+        defaults for this head's family and for a head on fixed features
+        (LDAM's scale s and re-weighting start, see
         :func:`decouple.losses.family_settings`)."""
         from .losses import family_settings
 
-        return family_settings(loss, self.family, dict(given))
+        return family_settings(loss, self.family, dict(given), fixed_features=True)
 
     def training_logit_scale(self, loss_module: Any) -> float:
         """Logit scale of the cosine family for this loss (1 for linear heads)."""
@@ -324,10 +327,11 @@ class TauNormHead(TrainableHead):
     Kang et al., "Decoupling Representation and Classifier for Long-Tailed
     Recognition" (ICLR 2020), Sec. 4: after training, each class weight is
     divided by its norm to the power tau, which evens out the larger norms
-    that head classes acquire. The bias is dropped (the rule rescales weights
-    only); features are centred on the training mean, so the result is a
-    centred linear rule. ``taus``: the grid searched on val (0, 0.1, ..., 2);
-    without val, tau = 1.
+    that head classes acquire. The norms are those of the weights as trained,
+    in the standardised feature space. The bias is dropped (the rule rescales
+    weights only); features are centred on the training mean, so the result
+    is a centred linear rule. ``taus``: the grid searched on val (0, 0.1,
+    ..., 2); without val, tau = 1.
     """
 
     def __init__(self, taus: Sequence[float] = DEFAULT_TAUS) -> None:

@@ -387,6 +387,16 @@ def test_ldam_default_drw_epoch_is_80_percent():
     assert loss.drw_active
 
 
+def test_ldam_defers_to_80_percent_end_to_end_and_to_half_the_run_on_fixed_features():
+    from decouple.losses import family_settings
+
+    assert family_settings("ldam", "linear") == {"s": 1.0}  # stage one: the paper's 80%
+    assert family_settings("ldam", "cosine", fixed_features=True) == {"drw_fraction": 0.5}
+    assert family_settings("ldam", "linear", {"drw_fraction": 0.8}, fixed_features=True) == {
+        "s": 1.0, "drw_fraction": 0.8}
+    assert family_settings("focal", "cosine", fixed_features=True) == {}
+
+
 def test_ldam_drw_fraction_moves_the_default_start():
     loss = create_loss("ldam", class_counts=COUNTS, drw_fraction=0.5)
     assert loss.drw_start(200) == 100 and loss.drw_start(37) == 18
