@@ -39,10 +39,13 @@ from .registry import Registry
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
 
-#: How a classifier computes its logits, which decides some losses' settings:
-#: "linear", W x + b (the linear, tau_norm and lws heads, and stage one's
-#: timm classifier); "cosine", cos(x, w) in [-1, 1] (the cosine head).
-HEAD_FAMILIES = ("linear", "cosine")
+#: How a classifier computes its logits, which decides some losses' settings,
+#: and the classifiers of each family: "linear", W x + b; "cosine",
+#: cos(x, w) in [-1, 1]. Each head class names its ``family``.
+HEAD_FAMILIES = {
+    "linear": ("linear", "tau_norm", "lws", "stage one"),
+    "cosine": ("cosine",),
+}
 
 CountsLike = Union[np.ndarray, Sequence[float], Tensor]
 
@@ -256,18 +259,19 @@ def family_settings(
 
 
 def family_note(name: str) -> str:
-    """"on linear heads s=1; on cosine heads s=30" for a loss whose settings
-    differ by head family (the constructor default where a family sets none);
-    "" otherwise."""
+    """"s=1 on linear, tau_norm, lws and stage one; s=30 on cosine" for a loss
+    whose settings differ by head family (the constructor default where a
+    family sets none); "" otherwise."""
     defaults = getattr(LOSSES.get(name), "family_defaults", {})
     keys = sorted({key for settings in defaults.values() for key in settings})
     if not keys:
         return ""
     constructor = LOSSES.parameters(name)
     parts = []
-    for family in HEAD_FAMILIES:
+    for family, members in HEAD_FAMILIES.items():
         values = {**{key: constructor.get(key) for key in keys}, **defaults.get(family, {})}
-        parts.append(f"on {family} heads " + ", ".join(f"{key}={values[key]:g}" for key in keys))
+        where = members[0] if len(members) == 1 else f"{', '.join(members[:-1])} and {members[-1]}"
+        parts.append(", ".join(f"{key}={values[key]:g}" for key in keys) + f" on {where}")
     return "; ".join(parts)
 
 

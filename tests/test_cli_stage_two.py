@@ -79,6 +79,16 @@ def test_list_prints_one_line_per_entry():
     assert "losses:" in everything and "samplers:" in everything and "heads:" in everything
 
 
+def test_list_losses_names_ldams_scale_for_every_head_family():
+    from decouple.heads import HEADS
+    from decouple.losses import HEAD_FAMILIES
+
+    trainable = {name: HEADS.get(name).family for name in HEADS.names() if hasattr(HEADS.get(name), "family")}
+    assert trainable == {name: family for family, members in HEAD_FAMILIES.items() for name in members if name in HEADS.names()}
+    ldam = next(line for line in _run(["list", "losses"]).splitlines() if line.startswith("ldam"))
+    assert ldam.endswith("(s=1 on linear, tau_norm, lws and stage one; s=30 on cosine)")
+
+
 def test_help_imports_neither_torch_nor_faiss():
     code = (
         "import sys\n"
