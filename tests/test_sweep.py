@@ -414,8 +414,11 @@ def test_sigint_to_a_running_sweep_keeps_finished_cells(tmp_path, features_path)
         db: {db}
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Python keeps an inherited "ignore SIGINT" (as under `nohup cmd &`), so
+    # the child installs Python's own handler, as it has on a terminal.
+    terminal_like = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     process = subprocess.Popen(
-        [sys.executable, "-c", "from cli.main import cli; cli()", "sweep", str(path), "--no-progress"],
+        [sys.executable, "-c", terminal_like + "from cli.main import cli; cli()", "sweep", str(path), "--no-progress"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )
     try:
