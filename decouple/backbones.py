@@ -18,7 +18,6 @@ timm's ``efficientnet_lite0``).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import os
 import socket
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DecoupleError, UnknownNameError
+from .errors import DecoupleError, UnknownNameError, did_you_mean
 from .provenance import file_sha256
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -215,10 +214,8 @@ def check_backbone(name: str) -> str:
     if timm.is_model(architecture):
         return name
     known = timm.list_models()
-    close = difflib.get_close_matches(architecture, known, n=3, cutoff=0.6)
-    if not close:
-        close = [m for m in known if architecture.lower() in m][:3]
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    containing = [model for model in known if architecture.lower() in model][:3]
+    hint = did_you_mean(architecture, known, n=3) or did_you_mean(architecture, containing, n=3, cutoff=0.0)
     raise UnknownNameError(
         f"--backbone: unknown timm model {name!r}{hint} (see timm.list_models(); "
         f"resnet32_cifar is decouple's CIFAR ResNet-32)"

@@ -8,6 +8,9 @@ line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class DecoupleError(ValueError):
     """Bad input: one line naming the file, the field and the expectation."""
@@ -32,3 +35,11 @@ class DataError(DecoupleError):
 class ClassCountError(ConfigError):
     """A per-class setting (one value per class) whose length does not match
     the class count of the data it is used on."""
+
+
+def did_you_mean(name: object, known: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> str:
+    """" (did you mean 'x'?)" naming the up to ``n`` entries of ``known``
+    closest to ``name`` (difflib), or "" when none is close: the hint every
+    unknown-name message appends."""
+    close = difflib.get_close_matches(str(name), list(known), n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(entry) for entry in close)}?)" if close else ""

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import DecoupleError
+from .errors import DecoupleError, did_you_mean
 from .results import METRIC_COLUMNS, CellRecord
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
@@ -276,10 +276,7 @@ def resolve_metrics(records: Sequence[CellRecord], metrics: Optional[Sequence[st
         return list(DEFAULT_METRICS)
     for metric in metrics:
         if metric not in known:
-            import difflib
-
-            close = difflib.get_close_matches(metric, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(metric, known)
             raise DecoupleError(f"unknown metric {metric!r}{hint}; known metrics: {', '.join(known)}")
     return list(metrics)
 

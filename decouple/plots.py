@@ -1,4 +1,5 @@
-"""Plots of sweep results, written as PNG and SVG (matplotlib, Agg backend).
+"""Plots of sweep results, written as PNG and SVG (matplotlib figures made
+without pyplot, so a user's backend and open figures are left alone).
 
 * :func:`plot_per_class_accuracy`: per-class accuracy against training
   images per class (log axis), one colour per method, mean over seeds; the
@@ -27,13 +28,13 @@ GROUPS = ("many", "medium", "few")
 GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "Few (< 20)"}
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure and its axes outside pyplot: no global backend switch and no
+    figure registry to close (savefig picks a canvas for the file format)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
 
 
 def _save(figure, stem: Path) -> List[Path]:
@@ -81,46 +82,43 @@ def plot_per_class_accuracy(
     """Per-class accuracy on ``split`` against training count, one series per
     row of ``table`` (all rows must share a feature file's classes)."""
     import numpy as np
+    from matplotlib import colormaps
 
-    plt = _pyplot()
     counts = None
-    figure, axis = plt.subplots(figsize=(7.0, 4.2))
-    try:
-        colors = plt.get_cmap("tab10" if len(table.rows) <= 10 else "tab20")
-        for index, row in enumerate(table.rows):
-            per_seed = [record.metrics[split]["per_class"] for record in row.records if split in record.metrics]
-            if not per_seed:
-                continue
-            row_counts = np.asarray(row.records[0].train_counts, dtype=float)
-            if counts is None:
-                counts = row_counts
-            elif len(row_counts) != len(counts) or not np.array_equal(row_counts, counts):
-                raise DecoupleError(
-                    "per-class plot: the selected cells come from feature files with different classes; "
-                    "select one feature file"
-                )
-            accuracy = np.array([[np.nan if value is None else value for value in seed] for seed in per_seed], float)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from the split
-                mean = np.nanmean(accuracy, axis=0)
-            order = np.argsort(-counts, kind="stable")
-            color = colors(index % colors.N)
-            label = _plot_label(row, table.row_fields)
-            axis.scatter(counts[order], mean[order], s=10, alpha=0.35, color=color, linewidths=0)
-            window = max(1, len(counts) // 10)
-            axis.plot(counts[order], _running_mean(mean[order], window), color=color, linewidth=1.6, label=label)
+    figure, axis = _figure(7.0, 4.2)
+    colors = colormaps["tab10" if len(table.rows) <= 10 else "tab20"]
+    for index, row in enumerate(table.rows):
+        per_seed = [record.metrics[split]["per_class"] for record in row.records if split in record.metrics]
+        if not per_seed:
+            continue
+        row_counts = np.asarray(row.records[0].train_counts, dtype=float)
         if counts is None:
-            raise DecoupleError(f"per-class plot: no cell was evaluated on split {split!r}")
-        axis.set_xscale("log")
-        axis.set_xlabel("training images per class (log scale)")
-        axis.set_ylabel(f"per-class accuracy on {split}")
-        axis.set_ylim(-0.02, 1.02)
-        axis.grid(True, which="both", alpha=0.25)
-        axis.set_title(title or f"Per-class accuracy vs training count ({split})")
-        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        return _save(figure, Path(stem))
-    finally:
-        plt.close(figure)
+            counts = row_counts
+        elif len(row_counts) != len(counts) or not np.array_equal(row_counts, counts):
+            raise DecoupleError(
+                "per-class plot: the selected cells come from feature files with different classes; "
+                "select one feature file"
+            )
+        accuracy = np.array([[np.nan if value is None else value for value in seed] for seed in per_seed], float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from the split
+            mean = np.nanmean(accuracy, axis=0)
+        order = np.argsort(-counts, kind="stable")
+        color = colors(index % colors.N)
+        label = _plot_label(row, table.row_fields)
+        axis.scatter(counts[order], mean[order], s=10, alpha=0.35, color=color, linewidths=0)
+        window = max(1, len(counts) // 10)
+        axis.plot(counts[order], _running_mean(mean[order], window), color=color, linewidth=1.6, label=label)
+    if counts is None:
+        raise DecoupleError(f"per-class plot: no cell was evaluated on split {split!r}")
+    axis.set_xscale("log")
+    axis.set_xlabel("training images per class (log scale)")
+    axis.set_ylabel(f"per-class accuracy on {split}")
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(True, which="both", alpha=0.25)
+    axis.set_title(title or f"Per-class accuracy vs training count ({split})")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(figure, Path(stem))
 
 
 def plot_group_bars(
@@ -134,31 +132,27 @@ def plot_group_bars(
     (mean over seeds, std as error bars; an empty group draws no bar)."""
     import numpy as np
 
-    plt = _pyplot()
     labels = [_plot_label(row, table.row_fields) for row in table.rows]
     width = 0.8 / len(GROUPS)
     positions = np.arange(len(labels))
-    figure, axis = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2.0), 4.2))
-    try:
-        for offset, group in enumerate(GROUPS):
-            stats = [row.stats.get((split, group)) for row in table.rows]
-            means = [np.nan if stat is None or stat.mean is None else stat.mean for stat in stats]
-            errors = [0.0 if stat is None or stat.std is None else stat.std for stat in stats]
-            axis.bar(
-                positions + (offset - 1) * width, means, width, yerr=errors, capsize=2,
-                label=GROUP_LABELS[group], error_kw={"linewidth": 0.8},
-            )
-        axis.set_xticks(positions)
-        axis.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
-                             fontsize=8)
-        axis.set_ylabel(f"accuracy on {split}")
-        axis.set_ylim(0, 1.0)
-        axis.grid(True, axis="y", alpha=0.25)
-        axis.set_title(title or f"Many / medium / few-shot accuracy ({split})")
-        axis.legend(fontsize=8, frameon=False, ncol=3, loc="upper right")
-        return _save(figure, Path(stem))
-    finally:
-        plt.close(figure)
+    figure, axis = _figure(max(5.0, 0.7 * len(labels) + 2.0), 4.2)
+    for offset, group in enumerate(GROUPS):
+        stats = [row.stats.get((split, group)) for row in table.rows]
+        means = [np.nan if stat is None or stat.mean is None else stat.mean for stat in stats]
+        errors = [0.0 if stat is None or stat.std is None else stat.std for stat in stats]
+        axis.bar(
+            positions + (offset - 1) * width, means, width, yerr=errors, capsize=2,
+            label=GROUP_LABELS[group], error_kw={"linewidth": 0.8},
+        )
+    axis.set_xticks(positions)
+    axis.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                         fontsize=8)
+    axis.set_ylabel(f"accuracy on {split}")
+    axis.set_ylim(0, 1.0)
+    axis.grid(True, axis="y", alpha=0.25)
+    axis.set_title(title or f"Many / medium / few-shot accuracy ({split})")
+    axis.legend(fontsize=8, frameon=False, ncol=3, loc="upper right")
+    return _save(figure, Path(stem))
 
 
 def export_plots(

@@ -7,11 +7,10 @@ the closest match.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .errors import ConfigError, UnknownNameError
+from .errors import ConfigError, UnknownNameError, did_you_mean
 
 
 def first_doc_line(obj: Any) -> str:
@@ -66,8 +65,7 @@ class Registry:
         if name in self._entries:
             return name
         known = ", ".join(self._entries)
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, self._entries)
         prefix = f"{where}: " if where else ""
         raise UnknownNameError(
             f"{prefix}unknown {self.kind} {name!r}{hint}; known {self.plural}: {known}"

@@ -391,55 +391,62 @@ class ResultStore:
         member("loss", losses, nullable=True)
         member("sampler", samplers, nullable=True)
         member("seed", seeds)
-        sql = "SELECT * FROM cells"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY cell_id"
+        condition = " WHERE " + " AND ".join(where) if where else ""
+        split_list = list(splits) if splits is not None else None
+        metric_where = [f"cell_id IN (SELECT cell_id FROM cells{condition})"] if where else []
+        metric_args = list(args)
+        if split_list is not None:
+            metric_where.append(f"split IN ({', '.join('?' * len(split_list))})" if split_list else "0")
+            metric_args.extend(split_list)
+        metric_sql = "SELECT * FROM metrics"
+        if metric_where:
+            metric_sql += " WHERE " + " AND ".join(metric_where)
         self._conn.row_factory = sqlite3.Row
         try:
-            cells = self._conn.execute(sql, args).fetchall()
-            metric_sql = "SELECT * FROM metrics WHERE cell_id = ?"
-            split_list = list(splits) if splits is not None else None
-            records = []
-            for row in cells:
-                metric_rows = self._conn.execute(metric_sql + " ORDER BY rowid", (row["cell_id"],)).fetchall()
-                metrics: Dict[str, Dict[str, Any]] = {}
-                for metric_row in metric_rows:
-                    if split_list is not None and metric_row["split"] not in split_list:
-                        continue
-                    values: Dict[str, Any] = {"n": metric_row["n"]}
-                    for name in METRIC_COLUMNS:
-                        values[name] = metric_row[name]
-                    values["per_class"] = json.loads(metric_row["per_class"])
-                    values.update(json.loads(metric_row["extra"]))
-                    metrics[metric_row["split"]] = values
-                records.append(
-                    CellRecord(
-                        cell_key=row["cell_key"],
-                        config_hash=row["config_hash"],
-                        features=row["features"],
-                        features_name=row["features_name"],
-                        features_sha256=row["features_sha256"],
-                        backbone=row["backbone"],
-                        tags=json.loads(row["tags"]),
-                        head=row["head"],
-                        loss=row["loss"],
-                        sampler=row["sampler"],
-                        seed=row["seed"],
-                        params=json.loads(row["params"]),
-                        train=json.loads(row["train"]),
-                        class_names=json.loads(row["class_names"]),
-                        train_counts=json.loads(row["train_counts"]),
-                        versions=json.loads(row["versions"]),
-                        fit_seconds=row["fit_seconds"],
-                        wall_seconds=row["wall_seconds"],
-                        finished_at=row["finished_at"],
-                        metrics=metrics,
-                    )
-                )
-            return records
+            # Two queries whatever the number of cells: the cells, then all their metrics.
+            cells = self._conn.execute(f"SELECT * FROM cells{condition} ORDER BY cell_id", args).fetchall()
+            metrics: Dict[int, Dict[str, Dict[str, Any]]] = {}
+            for metric_row in self._conn.execute(metric_sql + " ORDER BY cell_id, rowid", metric_args):
+                metrics.setdefault(metric_row["cell_id"], {})[metric_row["split"]] = _metric_values(metric_row)
+            return [_record_from_row(row, metrics.get(row["cell_id"], {})) for row in cells]
         finally:
             self._conn.row_factory = None
+
+
+def _metric_values(row: sqlite3.Row) -> Dict[str, Any]:
+    """One split's metrics of a stored cell, as CellRecord.metrics holds them."""
+    values: Dict[str, Any] = {"n": row["n"]}
+    for name in METRIC_COLUMNS:
+        values[name] = row[name]
+    values["per_class"] = json.loads(row["per_class"])
+    values.update(json.loads(row["extra"]))
+    return values
+
+
+def _record_from_row(row: sqlite3.Row, metrics: Dict[str, Dict[str, Any]]) -> CellRecord:
+    """A CellRecord from its row of the cells table and its metrics."""
+    return CellRecord(
+        cell_key=row["cell_key"],
+        config_hash=row["config_hash"],
+        features=row["features"],
+        features_name=row["features_name"],
+        features_sha256=row["features_sha256"],
+        backbone=row["backbone"],
+        tags=json.loads(row["tags"]),
+        head=row["head"],
+        loss=row["loss"],
+        sampler=row["sampler"],
+        seed=row["seed"],
+        params=json.loads(row["params"]),
+        train=json.loads(row["train"]),
+        class_names=json.loads(row["class_names"]),
+        train_counts=json.loads(row["train_counts"]),
+        versions=json.loads(row["versions"]),
+        fit_seconds=row["fit_seconds"],
+        wall_seconds=row["wall_seconds"],
+        finished_at=row["finished_at"],
+        metrics=metrics,
+    )
 
 
 def load_records(path: PathLike, **filters: Any) -> List[CellRecord]:

@@ -30,7 +30,6 @@ reuses an old result and a rerun skips exactly the finished cells.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError, DecoupleError, FeatureFileError
+from .errors import ConfigError, DecoupleError, FeatureFileError, did_you_mean
 from .provenance import file_sha256, jsonable, package_versions, utc_now
 
 CONFIG_KEYS = ("features", "grid", "params", "train", "db")
@@ -318,8 +317,7 @@ def parse_config(data: Any, *, source: Optional[str] = None, _places: Optional[_
 def _check_keys(places: _Places, path: KeyPath, mapping: Mapping, known: Sequence[str], what: str = "key") -> None:
     for key in mapping:
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, known)
             raise places.error(
                 path + (key,), f"unknown {what} {key!r}{hint}; known {what}s: {', '.join(known)}"
             )
@@ -424,8 +422,7 @@ def _parse_grid(places: _Places, grid: Any):
 
 def _unknown_name(registry, name: str) -> str:
     known = registry.names()
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name, known)
     plural = registry.plural
     if plural.endswith("ss"):  # Registry("loss") without plural="losses"
         plural = registry.kind + "es"
@@ -464,8 +461,7 @@ def _parse_params(places: _Places, params: Any) -> Dict[str, Dict[str, Any]]:
     for method, settings in params.items():
         where = ("params", method)
         if method not in known:
-            close = difflib.get_close_matches(str(method), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(method, known)
             raise places.error(
                 where, f"unknown method {method!r}{hint}; known losses, samplers and heads: {', '.join(known)}"
             )
@@ -476,8 +472,7 @@ def _parse_params(places: _Places, params: Any) -> Dict[str, Dict[str, Any]]:
         accepted = method_parameters(method)
         for key in settings:
             if key not in accepted:
-                close = difflib.get_close_matches(str(key), list(accepted), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(key, accepted)
                 raise places.error(
                     where + (key,),
                     f"{method} takes no setting {key!r}{hint}; it takes: {', '.join(accepted) or 'none'}",

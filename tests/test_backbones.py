@@ -45,7 +45,7 @@ def test_resnet32_cifar_is_a_timm_model():
 
 
 def test_unknown_backbone_suggests_close_names():
-    with pytest.raises(UnknownNameError, match=r"unknown timm model 'resnet_50'; did you mean 'resnet50'"):
+    with pytest.raises(UnknownNameError, match=r"unknown timm model 'resnet_50' \(did you mean 'resnet50'"):
         check_backbone("resnet_50")
     assert check_backbone("convnext_base.fb_in22k") == "convnext_base.fb_in22k"
 

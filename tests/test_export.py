@@ -8,7 +8,10 @@ import csv
 import io
 import json
 import math
+import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -164,6 +167,24 @@ def test_plots_are_valid_png_and_svg(db, tmp_path):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     for path in out.glob("*.svg"):
         assert ElementTree.parse(path).getroot().tag.endswith("svg")
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    # A notebook's backend survives an export: no matplotlib.use, no pyplot.
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('pdf')\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_results import make_record\n"
+        "from decouple.plots import export_plots\n"
+        "records = [make_record(loss=loss, seed=seed, key=f'{loss}{seed}') for loss in ('ce', 'focal') for seed in (0, 1)]\n"
+        "written = export_plots(records, sys.argv[2], splits=['test'])\n"
+        "print(len(written), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["4", "pdf", "False"]
 
 
 def test_per_class_plots_once_per_feature_file(tmp_path):

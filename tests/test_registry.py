@@ -52,3 +52,11 @@ def test_exponential_profile_matches_cifar10_lt():
     assert counts.sum() == 12406
     assert counts[0] == 5000 and counts[-1] == 50
     assert exponential_counts(500, 100, 100).sum() == 10847
+
+
+def test_did_you_mean_names_the_closest_entries_or_nothing():
+    from decouple.errors import did_you_mean
+
+    assert did_you_mean("focall", ["ce", "focal", "ldam"]) == " (did you mean 'focal'?)"
+    assert did_you_mean("resnet_50", ["resnet50", "resnet101", "vit"], n=2) == " (did you mean 'resnet50' or 'resnet101'?)"
+    assert did_you_mean("zzz", ["ce", "focal"]) == ""

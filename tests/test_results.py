@@ -100,6 +100,23 @@ def test_filters(tmp_path):
         assert list(store.records(splits=["test"])[0].metrics) == ["test"]
 
 
+@pytest.mark.parametrize("cells", [2, 30])
+def test_records_reads_any_number_of_cells_in_two_queries(tmp_path, cells):
+    with ResultStore(tmp_path / "r.db") as store:
+        for seed in range(cells):
+            store.insert(make_record(seed=seed, key=f"cell{seed}", top1=0.5 + seed / 100))
+        selects = []
+        store._conn.set_trace_callback(lambda sql: selects.append(sql) if sql.lstrip().startswith("SELECT") else None)
+        records = store.records(heads=["linear"], splits=["test"])
+        store._conn.set_trace_callback(None)
+    # One query to see that the table exists, then the cells, then all their metrics.
+    assert len(selects) == 3, selects
+    assert [record.seed for record in records] == list(range(cells))
+    assert [round(record.metrics["test"]["top1"], 2) for record in records] == [
+        round(0.51 + seed / 100, 2) for seed in range(cells)]
+    assert all(list(record.metrics) == ["test"] for record in records)
+
+
 def test_missing_database_says_so_and_is_not_created(tmp_path):
     path = tmp_path / "nothing.db"
     with pytest.raises(DecoupleError, match="no such results database"):
