@@ -217,18 +217,11 @@ class SweepConfig:
 
 
 def head_takes_loss(head: str) -> bool:
-    """Whether head ``head`` is trained with a loss and sampler (ncm and knn are not)."""
-    from . import heads
+    """Whether head ``head`` is trained with a loss and sampler (its class's
+    ``trainable``; ncm and knn are not)."""
+    from .heads import HEADS
 
-    for attribute in ("head_takes_loss", "takes_loss", "is_trainable"):
-        function = getattr(heads, attribute, None)
-        if callable(function):
-            return bool(function(head))
-    factory = heads.HEADS.get(head)
-    for attribute in ("takes_loss", "trainable", "TRAINABLE", "TAKES_LOSS"):
-        if hasattr(factory, attribute):
-            return bool(getattr(factory, attribute))
-    return head not in ("ncm", "knn")
+    return bool(HEADS.get(head).trainable)
 
 
 def cell_params(

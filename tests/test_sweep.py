@@ -505,3 +505,12 @@ def test_the_shipped_configs_commands_use_real_options_and_name_their_files(name
     names = {spec.name for spec in config.features} | {spec.path for spec in config.features}
     for chosen in re.findall(r"--features (\S+)", commands):
         assert chosen in names, f"{name}: --features {chosen} names no feature file of the config"
+
+
+def test_head_takes_loss_follows_each_head_class():
+    from decouple.heads import HEADS, Head
+    from decouple.sweep import head_takes_loss
+
+    assert [name for name in HEADS.names() if head_takes_loss(name)] == ["linear", "cosine", "tau_norm", "lws"]
+    assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn"]
+    assert Head.trainable is False  # a new head takes no loss unless its class says so
