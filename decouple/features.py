@@ -203,27 +203,52 @@ def read_train_counts(path: PathLike) -> np.ndarray:
     path = Path(path)
     with _open_for_reading(path) as handle:
         _, class_names = _read_header(path, handle)
-        labels = handle["train"]["labels"] if "labels" in handle["train"] else None
-        if labels is None or labels.ndim != 1 or labels.dtype.kind not in ("i", "u"):
-            raise FeatureFileError(f"{path}: /train/labels must be a 1-D integer dataset")
+        group = _split_group(path, handle, "train", ("labels",))
+        labels_ds = group["labels"]
+        _check_labels_dataset(path, "train", labels_ds)
+        if labels_ds.shape[0] == 0:
+            raise FeatureFileError(f"{path}: /train holds no samples; expected N > 0")
         try:
-            values = labels[()].astype(np.int64)
+            labels = labels_ds[()].astype(np.int64)
         except OSError as exc:
-            raise FeatureFileError(f"{path}: /train/labels cannot be read ({exc}); the file may be truncated") from None
-    if values.size == 0 or values.min() < 0 or values.max() >= len(class_names):
-        raise FeatureFileError(f"{path}: /train/labels must be non-empty and lie in [0, {len(class_names)})")
-    return _check_every_class_trains(path, values, class_names)
+            raise FeatureFileError(
+                f"{path}: /train cannot be read ({str(exc).split('(')[0].strip()}); the file may be truncated"
+            ) from None
+    _check_label_range(path, "train", labels, len(class_names))
+    return _check_every_class_trains(path, labels, class_names)
 
 
-def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
+def _split_group(path: Path, handle: Any, name: str, fields: Sequence[str]) -> Any:
+    """The HDF5 group /``name``, checked to hold the datasets ``fields``."""
     import h5py
 
     group = handle[name]
     if not isinstance(group, h5py.Group):
         raise FeatureFileError(f"{path}: /{name} must be a group holding features and labels")
-    for field_name in ("features", "labels"):
+    for field_name in fields:
         if field_name not in group:
             raise FeatureFileError(f"{path}: /{name}/{field_name} is missing")
+    return group
+
+
+def _check_labels_dataset(path: Path, name: str, labels_ds: Any) -> None:
+    """/``name``/labels must be a 1-D integer dataset."""
+    if labels_ds.ndim != 1:
+        raise FeatureFileError(f"{path}: /{name}/labels must be 1-D (N,); got shape {labels_ds.shape}")
+    if labels_ds.dtype.kind not in ("i", "u"):
+        raise FeatureFileError(f"{path}: /{name}/labels must be integers; got {labels_ds.dtype}")
+
+
+def _check_label_range(path: Path, name: str, labels: np.ndarray, num_classes: int) -> None:
+    """Every label of /``name`` must name one of the ``num_classes`` classes."""
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise FeatureFileError(
+            f"{path}: /{name}/labels must lie in [0, {num_classes}); got min {labels.min()}, max {labels.max()}"
+        )
+
+
+def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
+    group = _split_group(path, handle, name, ("features", "labels"))
     features_ds, labels_ds = group["features"], group["labels"]
     if features_ds.ndim != 2 or features_ds.shape[1] == 0:
         raise FeatureFileError(
@@ -233,10 +258,7 @@ def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
         raise FeatureFileError(
             f"{path}: /{name}/features must be float16 or float32; got {features_ds.dtype}"
         )
-    if labels_ds.ndim != 1:
-        raise FeatureFileError(f"{path}: /{name}/labels must be 1-D (N,); got shape {labels_ds.shape}")
-    if labels_ds.dtype.kind not in ("i", "u"):
-        raise FeatureFileError(f"{path}: /{name}/labels must be integers; got {labels_ds.dtype}")
+    _check_labels_dataset(path, name, labels_ds)
     if features_ds.shape[0] != labels_ds.shape[0]:
         raise FeatureFileError(
             f"{path}: /{name}/features has {features_ds.shape[0]} rows but /{name}/labels has "
@@ -251,10 +273,7 @@ def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
         raise FeatureFileError(
             f"{path}: /{name} cannot be read ({str(exc).split('(')[0].strip()}); the file may be truncated"
         ) from None
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise FeatureFileError(
-            f"{path}: /{name}/labels must lie in [0, {num_classes}); got min {labels.min()}, max {labels.max()}"
-        )
+    _check_label_range(path, name, labels, num_classes)
     _check_finite(path, name, features)
     return Split(features=features, labels=labels)
 

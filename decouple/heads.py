@@ -449,16 +449,15 @@ class LWSHead(TrainableHead):
                 loss.backward()
                 optimizer.step()
                 step += 1
-            if z_val is None:
-                chosen = (scales.detach().clone(), bias.detach().clone())
-                continue
-            if not is_checkpoint(epoch, epochs):
+            if z_val is None or not is_checkpoint(epoch, epochs):
                 continue
             with torch.no_grad():
                 predictions = (z_val * scales + bias).argmax(dim=1, keepdim=True)
                 score, error = mean_class_score(predictions, data.y_val, data.num_classes, with_error=True)
             if chooser.update(epoch, score.tolist(), error.tolist()):
                 chosen = (scales.detach().clone(), bias.detach().clone())
+        if z_val is None:  # the last epoch
+            chosen = (scales.detach().clone(), bias.detach().clone())
         return (chooser,) + chosen
 
     def selection_(self) -> Dict[str, Any]:

@@ -489,9 +489,10 @@ class LDAMLoss(LongTailLoss):
     int(``drw_fraction`` * total_epochs), with drw_fraction 0.8 the paper's
     160 of 200), then the class-balanced weights (1 - beta) / (1 - beta**n_c)
     normalised to sum to C with ``beta`` = 0.9999. (The fraction follows a
-    run whose length depends on the file, as stage two's budget does.) Re-weighting switches via ``set_epoch``; before the
-    first call there is none. max_margin = 0 and s = 1 without re-weighting
-    is plain cross-entropy.
+    run whose length depends on the file, as stage two's budget does.)
+    Re-weighting switches via ``set_epoch``; before the first call there is
+    none. max_margin = 0 and s = 1 without re-weighting is plain
+    cross-entropy.
 
     **Scale, one rule per head family** (``family_defaults``). The paper
     applies LDAM to cosine logits in [-1, 1] (its NormedLinear layer), where

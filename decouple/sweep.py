@@ -660,9 +660,8 @@ def check_feature_files(config: SweepConfig) -> None:
 
 def plan_sweep(config: SweepConfig, *, db: Optional[str] = None, train_overrides: Optional[Mapping[str, Any]] = None) -> SweepPlan:
     """Check the feature files, key every cell and look up the finished ones."""
-    from .results import ResultStore
-
     from .features import read_train_counts
+    from .results import ResultStore
 
     check_feature_files(config)
     train = config.train_config(**dict(train_overrides or {}))

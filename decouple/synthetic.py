@@ -34,8 +34,7 @@ def gaussian_long_tailed(
     Returns the :class:`FeatureSet` and the true class means (C, D).
     """
     rng = np.random.default_rng(seed)
-    directions = rng.standard_normal((num_classes, dim))
-    means = radius * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    means = _sphere_means(rng, num_classes, dim, radius)
     train_counts = exponential_counts(n_max, num_classes, imbalance_factor)
 
     splits = _draw_splits(
@@ -49,6 +48,12 @@ def gaussian_long_tailed(
         attrs={"generator": "decouple.synthetic.gaussian_long_tailed", "seed": seed, "radius": radius},
     )
     return feature_set, means
+
+
+def _sphere_means(rng: np.random.Generator, num_classes: int, dim: int, radius: float) -> np.ndarray:
+    """Class means (C, D) on the sphere of radius ``radius``, in random directions."""
+    directions = rng.standard_normal((num_classes, dim))
+    return radius * directions / np.linalg.norm(directions, axis=1, keepdims=True)
 
 
 def _draw_splits(features_of, rng: np.random.Generator, train_counts: np.ndarray, *, n_val: int, n_test: int,
@@ -103,8 +108,7 @@ def embedding_like_long_tailed(
     are balanced.
     """
     rng = np.random.default_rng(seed)
-    directions = rng.standard_normal((num_classes, latent_dim))
-    means = radius * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    means = _sphere_means(rng, num_classes, latent_dim, radius)
     mixing = rng.standard_normal((latent_dim, dim)) / np.sqrt(latent_dim)
     offsets = rng.normal(-0.5, 0.5, size=dim)
     channel_scales = 10.0 ** rng.uniform(-scale_decades, 0.0, size=dim) * 4.0

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from decouple.features import FeatureWriter, read_features, summarize, write_features
+from decouple.errors import FeatureFileError
+from decouple.features import FeatureWriter, read_features, read_train_counts, summarize, write_features
 
 
 def _write_raw(path, *, train=True, n_labels=None, label_max=None, nan=False, attrs=True):
@@ -137,3 +138,20 @@ def test_views_are_written_and_ignored_by_the_reader(tmp_path, gaussian_feature_
     assert list(loaded.splits) == ["train"]
     np.testing.assert_array_equal(loaded.splits["train"].features, features)
     np.testing.assert_array_equal(loaded.splits["train"].labels, train.labels)
+
+
+@pytest.mark.parametrize("case", ["missing file", "not HDF5", "no /train", "labels out of range", "wrong format"])
+def test_read_train_counts_checks_what_read_features_checks(case, tmp_path, gaussian_features):
+    # The sweep's class-count check reads only the header and /train/labels,
+    # with the same checks and messages as a full read.
+    make, pattern = BAD_FILES[case]
+    path = make(tmp_path, gaussian_features)
+    with pytest.raises(FeatureFileError, match=pattern):
+        read_train_counts(path)
+    with pytest.raises(FeatureFileError, match=pattern):
+        read_features(path)
+
+
+def test_read_train_counts_counts_the_training_labels(gaussian_features):
+    labels = read_features(gaussian_features).splits["train"].labels
+    np.testing.assert_array_equal(read_train_counts(gaussian_features), np.bincount(labels))
