@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decouple.backbones import create_backbone, embed, embedding_dim  # noqa: E402
-from decouple.data import ImageDataset, prepare_manifest  # noqa: E402
-from decouple.extract import embed_split  # noqa: E402
+from decouple.stage_one.backbones import create_backbone, embed, embedding_dim  # noqa: E402
+from decouple.stage_one.data import ImageDataset, prepare_manifest  # noqa: E402
+from decouple.stage_one.extract import embed_split  # noqa: E402
 from decouple.features import FeatureWriter  # noqa: E402
-from decouple.finetune import DistInfo, FinetuneConfig, data_config_for, finetune, make_transform, resolve_device  # noqa: E402
+from decouple.stage_one.finetune import DistInfo, FinetuneConfig, data_config_for, finetune, make_transform, resolve_device  # noqa: E402
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
 

@@ -5,7 +5,7 @@ imbalance_factor=100)``: 10,847 x 2048 float32 training features over 100
 classes (exponential profile), balanced val and test.
 
 1. One linear head, cross-entropy, instance sampling, the default budget
-   (28 epochs of 22 steps here), through :func:`decouple.stage_two.train_heads`
+   (28 epochs of 22 steps here), through :func:`decouple.stage_two.fit.train_heads`
    (standardisation, cosine schedule, val scoring after every epoch and
    epoch choice included) beside a bare loop doing the same training (same
    batches from the same sampler, ``nn.Linear``, the same optimizer with
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decouple.losses import create_loss, list_losses
-from decouple.samplers import create_sampler, list_samplers
-from decouple.stage_two import Cell, PreparedData, TrainConfig, fit_cells, train_heads
+from decouple.stage_two.losses import create_loss, list_losses
+from decouple.stage_two.samplers import create_sampler, list_samplers
+from decouple.stage_two.fit import Cell, PreparedData, TrainConfig, fit_cells, train_heads
 from decouple.synthetic import gaussian_long_tailed
 
 

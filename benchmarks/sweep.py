@@ -58,11 +58,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from decouple.features import write_features
-    from decouple.losses import LOSSES
-    from decouple.samplers import SAMPLERS
-    from decouple.stage_two import native_bfloat16
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
+    from decouple.stage_two.fit import native_bfloat16
     from decouple.synthetic import gaussian_long_tailed
-    from decouple.sweep import parse_config, run_sweep
+    from decouple.study.sweep import parse_config, run_sweep
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="decouple-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         assert len(feature_set.splits["train"]) == 10847
         write_features(features, feature_set, dtype="float32")
     losses, samplers = LOSSES.names(), SAMPLERS.names()
-    from decouple.stage_two import TrainConfig
+    from decouple.stage_two.fit import TrainConfig
 
     budget = TrainConfig(epochs=args.epochs).validated().for_rows(10847)
     print(f"grid: linear head x {len(losses)} losses x {len(samplers)} samplers = "

@@ -23,7 +23,7 @@ def demo(out_dir: str, finetune_epochs: int, head_epochs: Optional[int], imbalan
     32 px) with a balanced test split, made long-tailed; a rerun reuses what
     is finished in --out.
     """
-    from decouple.demo import run_demo
+    from decouple.study.demo import run_demo
 
     table = run_demo(
         out_dir,

@@ -58,8 +58,8 @@ def export(
     """Tables and plots from a sweep's results database."""
     from decouple.errors import DecoupleError
     from decouple.atomic import write_text_atomic
-    from decouple.export import render
-    from decouple.results import load_records
+    from decouple.study.export import render
+    from decouple.study.results import load_records
 
     records = load_records(
         db,
@@ -82,7 +82,7 @@ def export(
         digits=digits,
     )
     if plots_dir is not None:
-        from decouple.plots import export_plots
+        from decouple.study.plots import export_plots
 
         written = export_plots(records, plots_dir, splits=_split_commas(splits), rows=_split_commas(rows))
         click.echo(f"wrote {len(written)} plot files to {plots_dir}", err=True)

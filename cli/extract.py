@@ -101,8 +101,8 @@ def extract(**options: Any) -> None:
     with --imbalance, test_lt) and RUN.manifest.csv beside it. Launch with
     torchrun --nproc_per_node=N (and --nnodes) for DistributedDataParallel.
     """
-    from decouple.extract import ExtractConfig, run_extract
-    from decouple.finetune import FinetuneConfig
+    from decouple.stage_one.extract import ExtractConfig, run_extract
+    from decouple.stage_one.finetune import FinetuneConfig
 
     progress = options.pop("progress")
     as_json = options.pop("as_json")

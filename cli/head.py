@@ -15,7 +15,7 @@ from cli.options import (
     shot_threshold_options,
 )
 
-# decouple.stage_two.PRECISIONS, spelled out so that --help imports no numpy.
+# decouple.stage_two.fit.PRECISIONS, spelled out so that --help imports no numpy.
 PRECISIONS = ("float32", "bfloat16", "auto")
 
 
@@ -62,7 +62,7 @@ def head(
     output: Optional[str],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
-    from decouple.stage_two import Cell, TrainConfig, fit_file
+    from decouple.stage_two.fit import Cell, TrainConfig, fit_file
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)

@@ -13,9 +13,9 @@ KINDS = ("losses", "samplers", "heads")
 @click.argument("kind", required=False, type=click.Choice(KINDS))
 def list_cmd(kind: Optional[str]) -> None:
     """List losses, samplers or heads (all three without KIND), one line each."""
-    from decouple.heads import list_heads
-    from decouple.losses import list_losses
-    from decouple.samplers import list_samplers
+    from decouple.stage_two.heads import list_heads
+    from decouple.stage_two.losses import list_losses
+    from decouple.stage_two.samplers import list_samplers
 
     listings = {"losses": list_losses, "samplers": list_samplers, "heads": list_heads}
     kinds = [kind] if kind else list(KINDS)

@@ -24,7 +24,7 @@ def sweep(config: str, db: Optional[str], device: Optional[str], dry_run: bool, 
     stored at once, in its own transaction: a rerun skips finished cells, and
     Ctrl-C keeps everything finished so far.
     """
-    from decouple.sweep import SweepInterrupted, load_config, plan_sweep, run_sweep
+    from decouple.study.sweep import SweepInterrupted, load_config, plan_sweep, run_sweep
 
     sweep_config = load_config(config)
     overrides = {"device": device} if device else {}

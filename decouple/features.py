@@ -27,8 +27,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import commit, temporary_sibling
-from .errors import FeatureFileError
+from decouple.atomic import commit, temporary_sibling
+from decouple.errors import FeatureFileError
 
 FORMAT = "decouple-features"
 VERSION = 1
@@ -410,7 +410,7 @@ def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.f
 def summarize(feature_set: FeatureSet, *, many_threshold: int = 100, few_threshold: int = 20) -> Dict[str, Any]:
     """What ``decouple info`` prints: per-split N and D, class count, training
     count statistics and the size of each shot group."""
-    from .metrics import shot_groups
+    from decouple.metrics import shot_groups
 
     counts = feature_set.train_counts
     groups = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .errors import ConfigError, UnknownNameError, did_you_mean
+from decouple.errors import ConfigError, UnknownNameError, did_you_mean
 
 
 def first_doc_line(obj: Any) -> str:

@@ -13,8 +13,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from .features import FeatureSet, Split
-from .profiles import exponential_counts
+from decouple.features import FeatureSet, Split
+from decouple.stage_one.profiles import exponential_counts
 
 
 def gaussian_long_tailed(

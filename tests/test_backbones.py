@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from decouple.backbones import (
+from decouple.stage_one.backbones import (
     check_backbone,
     create_backbone,
     embed,

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decouple.stage_two import Cell, TrainConfig, fit_cells
+from decouple.stage_two.fit import Cell, TrainConfig, fit_cells
 from decouple.synthetic import embedding_like_long_tailed, gaussian_long_tailed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decouple.data import (
+from decouple.stage_one.data import (
     SOURCES,
     build_manifest,
     detect_source,
@@ -21,7 +21,7 @@ from decouple.data import (
     save_manifest,
 )
 from decouple.errors import DataError
-from decouple.profiles import exponential_counts
+from decouple.stage_one.profiles import exponential_counts
 
 
 def make_folder(root: Path, counts, *, size: int = 8, ext: str = ".png") -> Path:

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from decouple.errors import DecoupleError
-from decouple.export import render, summarize
-from decouple.results import METRIC_COLUMNS, CellRecord, ResultStore
+from decouple.study.export import render, summarize
+from decouple.study.results import METRIC_COLUMNS, CellRecord, ResultStore
 from test_results import make_record
 
 CONTRACT_COLUMNS = ["features", "head", "loss", "sampler", "seed", "split", "n",
@@ -176,7 +176,7 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
         "matplotlib.use('pdf')\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from test_results import make_record\n"
-        "from decouple.plots import export_plots\n"
+        "from decouple.study.plots import export_plots\n"
         "records = [make_record(loss=loss, seed=seed, key=f'{loss}{seed}') for loss in ('ce', 'focal') for seed in (0, 1)]\n"
         "written = export_plots(records, sys.argv[2], splits=['test'])\n"
         "print(len(written), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
@@ -188,7 +188,7 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
 
 
 def test_per_class_plots_once_per_feature_file(tmp_path):
-    from decouple.plots import export_plots
+    from decouple.study.plots import export_plots
 
     records = [make_record(loss=loss, seed=seed, features_name=name, key=f"{name}{loss}{seed}")
                for name in ("resnet_lt", "vit_lt") for loss in ("ce", "focal") for seed in (0, 1)]

@@ -19,11 +19,11 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from cli.main import cli
-from decouple.data import read_manifest
-from decouple.extract import ExtractConfig, run_extract, shard_batches
+from decouple.stage_one.data import read_manifest
+from decouple.stage_one.extract import ExtractConfig, run_extract, shard_batches
 from decouple.features import read_features
-from decouple.finetune import FinetuneConfig
-from decouple.profiles import exponential_counts
+from decouple.stage_one.finetune import FinetuneConfig
+from decouple.stage_one.profiles import exponential_counts
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
 PER_CLASS = 20  # images per class and split taken from the tarball
@@ -114,7 +114,7 @@ def test_frozen_features_are_reproducible(cifar_subset, tmp_path):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(cifar_subset, tmp_path, monkeypatch):
-    import decouple.finetune as finetune_module
+    import decouple.stage_one.finetune as finetune_module
 
     straight = run_extract(config(cifar_subset, tmp_path, run="straight", epochs=2), log=lambda m: None)
     real_save = finetune_module.save_checkpoint
@@ -176,9 +176,9 @@ def test_two_processes_match_one(cifar_subset, tmp_path):
         assert ddp.splits[name].features.shape == one.splits[name].features.shape
     assert json.loads(ddp.attrs["config"])["world_size"] == 2
     # rank order survives the merge: re-embed test with the trained weights in one process
-    from decouple.backbones import create_backbone, embed
-    from decouple.data import ImageDataset
-    from decouple.finetune import data_config_for, make_transform
+    from decouple.stage_one.backbones import create_backbone, embed
+    from decouple.stage_one.data import ImageDataset
+    from decouple.stage_one.finetune import data_config_for, make_transform
 
     model, _ = create_backbone("test_resnet", num_classes=10)
     model.load_state_dict(torch.load(tmp_path / "ddp" / "ddp.ckpt.pt", weights_only=True)["model"])
@@ -278,7 +278,7 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
 def test_a_failed_rerun_leaves_the_previous_run_intact(tmp_path, monkeypatch, failure):
     # The new manifest is committed right after the new feature file, and
     # neither before both are complete.
-    import decouple.extract
+    import decouple.stage_one.extract
     import decouple.features
 
     data = tiny_folder(tmp_path / "d", ["ant", "bee", "cow"])
@@ -292,7 +292,7 @@ def test_a_failed_rerun_leaves_the_previous_run_intact(tmp_path, monkeypatch, fa
         raise OSError(errno.EIO, f"injected failure in {failure}")
 
     if failure == "embedding":
-        monkeypatch.setattr(decouple.extract, "embed_split", fail)
+        monkeypatch.setattr(decouple.stage_one.extract, "embed_split", fail)
     else:
         monkeypatch.setattr(decouple.features, "commit", fail)
     result = invoke(small_args(data, out, "--name", "run", "--img-size", "16"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from decouple.errors import ConfigError, UnknownNameError
-from decouple.heads import DEFAULT_TAUS, HEADS, create_head, list_heads
-from decouple.stage_two import TrainConfig
+from decouple.stage_two.heads import DEFAULT_TAUS, HEADS, create_head, list_heads
+from decouple.stage_two.fit import TrainConfig
 
 FAST = TrainConfig(epochs=5, device="cpu")
 

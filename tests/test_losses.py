@@ -1,4 +1,4 @@
-"""Tests of decouple.losses: each loss against its paper's formula, computed here
+"""Tests of decouple.stage_two.losses: each loss against its paper's formula, computed here
 independently with explicit numpy, plus properties every registered loss must have."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from decouple.errors import ConfigError, DataError, UnknownNameError
-from decouple.losses import LOSSES, LongTailLoss, create_loss, list_losses
+from decouple.stage_two.losses import LOSSES, LongTailLoss, create_loss, list_losses
 
 DESIGN_NAMES = [
     "ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "ldam",
@@ -388,7 +388,7 @@ def test_ldam_default_drw_epoch_is_80_percent():
 
 
 def test_ldam_defers_to_80_percent_end_to_end_and_to_half_the_run_on_fixed_features():
-    from decouple.losses import family_settings
+    from decouple.stage_two.losses import family_settings
 
     assert family_settings("ldam", "linear") == {"s": 1.0}  # stage one: the paper's 80%
     assert family_settings("ldam", "cosine", fixed_features=True) == {"drw_fraction": 0.5}

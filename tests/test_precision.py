@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from decouple.errors import ConfigError
-from decouple.losses import LOSSES, create_loss
-from decouple.samplers import create_sampler
-from decouple.stage_two import PRECISIONS, Cell, PreparedData, TrainConfig, fit_cells, train_heads
+from decouple.stage_two.losses import LOSSES, create_loss
+from decouple.stage_two.samplers import create_sampler
+from decouple.stage_two.fit import PRECISIONS, Cell, PreparedData, TrainConfig, fit_cells, train_heads
 from decouple.synthetic import gaussian_long_tailed, nearest_mean_accuracy
 
 # One fused pass per (sampler, family): linear (with tau_norm and lws on the
@@ -143,7 +143,7 @@ def test_a_bad_precision_is_a_config_error(gaussian_feature_set, bad):
 
 
 def test_sweep_config_takes_precision_and_keys_cells_by_it():
-    from decouple.sweep import FeatureSpec, cell_key, parse_config
+    from decouple.study.sweep import FeatureSpec, cell_key, parse_config
 
     def config(train):
         return parse_config({"features": ["f.h5"], "grid": {"head": ["linear"], "loss": ["ce"]}, "train": train})
@@ -174,7 +174,7 @@ def test_only_ldam_applies_its_own_scale(name):
 
 
 def test_cosine_head_leaves_the_scale_to_a_loss_that_applies_its_own():
-    from decouple.heads import create_head
+    from decouple.stage_two.heads import create_head
 
     head = create_head("cosine", scale=16.0)
     counts = [50, 10, 2]

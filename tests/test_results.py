@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from decouple.errors import DecoupleError
-from decouple.results import CellRecord, ResultStore, load_records
+from decouple.study.results import CellRecord, ResultStore, load_records
 
 
 def make_record(head="linear", loss="ce", sampler="instance", seed=0, *, key=None, top1=0.5, few=0.25,
@@ -155,7 +155,7 @@ def test_a_crash_while_creating_the_schema_leaves_a_database_that_opens(tmp_path
     db = tmp_path / "results.db"
     script = textwrap.dedent(f"""
         import os, sqlite3
-        import decouple.results as results
+        import decouple.study.results as results
 
         class DiesAfterFirstCreate(sqlite3.Connection):
             def execute(self, sql, *args):

@@ -1,4 +1,4 @@
-"""Tests of decouple.samplers: class frequencies against each paper's formula,
+"""Tests of decouple.stage_two.samplers: class frequencies against each paper's formula,
 determinism, coverage, and the DDP wrapper. Parametrised over the registry."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from decouple.errors import ConfigError, DataError, UnknownNameError
-from decouple.samplers import (
+from decouple.stage_two.samplers import (
     SAMPLERS,
     ClassSampler,
     DistributedClassSampler,

@@ -11,9 +11,9 @@ import torch
 
 from decouple.errors import ConfigError, DecoupleError, UnknownNameError
 from decouple.features import FeatureSet, Split
-from decouple.losses import create_loss
-from decouple.samplers import create_sampler
-from decouple.stage_two import (
+from decouple.stage_two.losses import create_loss
+from decouple.stage_two.samplers import create_sampler
+from decouple.stage_two.fit import (
     Cell,
     CellResult,
     PreparedData,
@@ -137,7 +137,7 @@ def test_ldam_uses_one_scale_per_head_family(gaussian_feature_set, head, scale):
 def test_tau_norm_and_lws_start_from_the_linear_heads_weights(gaussian_feature_set):
     # Fused in one pass: the linear-family heads with one loss share one
     # trained weight matrix, whatever the loss (ldam included).
-    from decouple.heads import create_head
+    from decouple.stage_two.heads import create_head
 
     for loss in ("ce", "ldam"):
         linear, tau, lws = fit_cells(

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .atomic import commit
-from .backbones import create_backbone, embed, embedding_dim, has_fixed_input_size, model_input_size, state_dict_sha256
-from .data import ImageDataset, Manifest, SplitItems, native_image_size, prepare_manifest, save_manifest
-from .errors import ConfigError, DecoupleError
-from .features import FeatureWriter
-from .finetune import (
+from decouple.atomic import commit
+from decouple.stage_one.backbones import create_backbone, embed, embedding_dim, has_fixed_input_size, model_input_size, state_dict_sha256
+from decouple.stage_one.data import ImageDataset, Manifest, SplitItems, native_image_size, prepare_manifest, save_manifest
+from decouple.errors import ConfigError, DecoupleError
+from decouple.features import FeatureWriter
+from decouple.stage_one.finetune import (
     DistInfo,
     FinetuneConfig,
     broadcast_from_main,
@@ -44,7 +44,7 @@ from .finetune import (
     seed_everything,
     shutdown_distributed,
 )
-from .provenance import jsonable, package_versions
+from decouple.provenance import jsonable, package_versions
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -414,9 +414,9 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
 
 def _check_names(config: ExtractConfig) -> None:
     """Fail on a bad name or file before any data is read."""
-    from .backbones import check_backbone
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_one.backbones import check_backbone
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     check_backbone(config.backbone)
     LOSSES.check(config.finetune.loss, where="--loss")

@@ -19,10 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .atomic import atomic_path
-from .errors import DecoupleError
-from .export import SummaryTable, summarize
-from .results import CellRecord
+from decouple.atomic import atomic_path
+from decouple.errors import DecoupleError
+from decouple.study.export import SummaryTable, summarize
+from decouple.study.results import CellRecord
 
 GROUPS = ("many", "medium", "few")
 GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "Few (< 20)"}

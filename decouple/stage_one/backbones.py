@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DecoupleError, UnknownNameError, did_you_mean
-from .provenance import file_sha256
+from decouple.errors import DecoupleError, UnknownNameError, did_you_mean
+from decouple.provenance import file_sha256
 
 PathLike = Union[str, "os.PathLike[str]"]
 

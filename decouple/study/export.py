@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import DecoupleError, did_you_mean
-from .results import METRIC_COLUMNS, CellRecord
+from decouple.errors import DecoupleError, did_you_mean
+from decouple.study.results import METRIC_COLUMNS, CellRecord
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
 METHOD_FIELDS = ("features", "head", "loss", "sampler")
@@ -183,7 +183,7 @@ def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
     and the training settings that matter to it, precision included (head),
     the loss's and the sampler's settings. Choices made on val (epoch, tau)
     are results, not settings, and are left out."""
-    from .sweep import train_identity
+    from decouple.study.sweep import train_identity
 
     try:
         train = train_identity(record.head, record.train)

@@ -7,7 +7,7 @@ CUDA, gradient accumulation, a checkpoint after every epoch (``resume``
 continues from it bit for bit on the CPU), a tqdm bar with loss and images/s.
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with
 DistributedDataParallel, NCCL on GPUs and gloo on the CPU, the sampler wrapped
-in :class:`~decouple.samplers.DistributedClassSampler`; ``batch_size`` is per
+in :class:`~decouple.stage_two.samplers.DistributedClassSampler`; ``batch_size`` is per
 process.
 
 Randomness (sampler, augmentation, dropout) is re-seeded from (seed, epoch,
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_path
-from .data import ImageDataset, Manifest
-from .errors import ConfigError, DecoupleError
-from .provenance import jsonable
-from .registry import Registry
+from decouple.atomic import atomic_path
+from decouple.stage_one.data import ImageDataset, Manifest
+from decouple.errors import ConfigError, DecoupleError
+from decouple.provenance import jsonable
+from decouple.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("lr schedule")
@@ -204,8 +204,8 @@ class FinetuneConfig:
         """A copy with optimizer defaults and the loss's linear-family settings
         filled in and names checked. timm's classifier is a linear layer, so
         the loss takes the settings the linear heads of stage two take
-        (LDAM's s = 1; :func:`decouple.losses.family_settings`)."""
-        from .losses import family_settings
+        (LDAM's s = 1; :func:`decouple.stage_two.losses.family_settings`)."""
+        from decouple.stage_two.losses import family_settings
 
         OPTIMIZERS.check(self.optimizer, where="--optimizer")
         SCHEDULES.check(self.schedule, where="--schedule")
@@ -357,8 +357,8 @@ def finetune(
     """
     from tqdm.auto import tqdm
 
-    from .losses import create_loss
-    from .samplers import DistributedClassSampler, create_sampler
+    from decouple.stage_two.losses import create_loss
+    from decouple.stage_two.samplers import DistributedClassSampler, create_sampler
 
     config = config.resolved()
     dist = dist or DistInfo()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from decouple.errors import ConfigError
 
 
 def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:

@@ -58,9 +58,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .metrics import evaluate
-from .provenance import jsonable
+from decouple.errors import ConfigError
+from decouple.metrics import evaluate
+from decouple.provenance import jsonable
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 #: Peak learning rate of each optimizer when TrainConfig.lr is None. Adam's
@@ -266,9 +266,9 @@ def validate_cell(cell: Cell) -> Cell:
     needs no training (ncm, knn) takes no loss or sampler; a trainable head
     without one gets ``"ce"`` and ``"instance"``.
     """
-    from .heads import HEADS
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.heads import HEADS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     head_class = HEADS.get(cell.head)
     seed = cell.seed
@@ -305,8 +305,8 @@ def method_params(cell: Cell) -> Dict[str, Dict[str, Any]]:
 
     Returns ``{"head": {...}, "loss": {...}, "sampler": {...}}``.
     """
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     head_params = dict(cell.params.get(cell.head, {}))
     loss_params = dict(cell.params.get(cell.loss, {})) if cell.loss else {}
@@ -794,7 +794,7 @@ def fit_cells(
     returned list follows the order of ``cells``. All cells are validated
     before any training starts.
     """
-    from .heads import create_head
+    from decouple.stage_two.heads import create_head
 
     train = train.validated().for_rows(len(feature_set.splits["train"]))
     device = train.resolved_device()
@@ -886,8 +886,8 @@ def fit_cells(
 
 
 def _fit_group(data, members, sampler_name, seed, family_key, train, finish) -> None:
-    from .losses import create_loss
-    from .samplers import create_sampler
+    from decouple.stage_two.losses import create_loss
+    from decouple.stage_two.samplers import create_sampler
 
     start = time.perf_counter()
     # Weights are shared by cells whose loss and loss settings agree.
@@ -944,7 +944,7 @@ def fit_file(path, cell: Cell, *, train: TrainConfig = TrainConfig()) -> CellRes
 
     Names and settings are checked before the file is read, so a typo fails at once.
     """
-    from .features import read_features
+    from decouple.features import read_features
 
     cell = validate_cell(cell)
     train = train.validated()

@@ -38,10 +38,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import atomic_path, temporary_sibling
-from .errors import ConfigError, DataError
-from .profiles import exponential_counts
-from .registry import Registry
+from decouple.atomic import atomic_path, temporary_sibling
+from decouple.errors import ConfigError, DataError
+from decouple.stage_one.profiles import exponential_counts
+from decouple.registry import Registry
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
-from .errors import DecoupleError
-from .provenance import jsonable, utc_now
+from decouple.errors import DecoupleError
+from decouple.provenance import jsonable, utc_now
 
 FORMAT = "decouple-results"
 SCHEMA_VERSION = 1

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ClassCountError, ConfigError, DataError
-from .registry import Registry
+from decouple.errors import ClassCountError, ConfigError, DataError
+from decouple.registry import Registry
 
 LOSSES = Registry("loss")
 register_loss = LOSSES.register

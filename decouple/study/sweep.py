@@ -1,5 +1,5 @@
 """Sweeps: a YAML grid of heads x losses x samplers x seeds over feature files,
-run once, resumably, into a :class:`~decouple.results.ResultStore`.
+run once, resumably, into a :class:`~decouple.study.results.ResultStore`.
 
 Config (DESIGN.md "Sweep config"; every key is checked, an unknown one is an
 error naming its place in the file)::
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError, DecoupleError, FeatureFileError, did_you_mean
-from .provenance import file_sha256, jsonable, package_versions, utc_now
+from decouple.errors import ConfigError, DecoupleError, FeatureFileError, did_you_mean
+from decouple.provenance import file_sha256, jsonable, package_versions, utc_now
 
 CONFIG_KEYS = ("features", "grid", "params", "train", "db")
 GRID_KEYS = ("head", "loss", "sampler", "seed")
@@ -186,15 +186,15 @@ class SweepConfig:
         return _sha256_json(self.to_json())
 
     def train_config(self, **overrides: Any):
-        """The :class:`~decouple.stage_two.TrainConfig` of ``train:`` plus ``overrides``."""
-        from .stage_two import TrainConfig
+        """The :class:`~decouple.stage_two.fit.TrainConfig` of ``train:`` plus ``overrides``."""
+        from decouple.stage_two.fit import TrainConfig
 
         return TrainConfig(**{**dict(self.train), **overrides}).validated()
 
     def cells(self) -> List[Tuple[FeatureSpec, Any]]:
-        """(feature spec, validated :class:`~decouple.stage_two.Cell`) for every cell
+        """(feature spec, validated :class:`~decouple.stage_two.fit.Cell`) for every cell
         of the grid, in order: feature file, seed, head, loss, sampler."""
-        from .stage_two import Cell, validate_cell
+        from decouple.stage_two.fit import Cell, validate_cell
 
         planned = []
         for spec in self.features:
@@ -219,7 +219,7 @@ class SweepConfig:
 def head_takes_loss(head: str) -> bool:
     """Whether head ``head`` is trained with a loss and sampler (its class's
     ``trainable``; ncm and knn are not)."""
-    from .heads import HEADS
+    from decouple.stage_two.heads import HEADS
 
     return bool(HEADS.get(head).trainable)
 
@@ -234,9 +234,9 @@ def cell_params(
     0.9999}`` reaches the class-balanced loss, not a cell that only samples
     class-balanced (and so does not change that cell's key).
     """
-    from .heads import HEADS
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.heads import HEADS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     roles = [(head, HEADS), (loss, LOSSES), (sampler, SAMPLERS)]
     out: Dict[str, Dict[str, Any]] = {}
@@ -363,9 +363,9 @@ def _parse_features(places: _Places, value: Any) -> Tuple[FeatureSpec, ...]:
 
 
 def _parse_grid(places: _Places, grid: Any):
-    from .heads import HEADS
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.heads import HEADS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     if not isinstance(grid, Mapping):
         raise places.error(("grid",), f"must be a mapping with keys {', '.join(GRID_KEYS)}; got {grid!r}")
@@ -423,9 +423,9 @@ def _unknown_name(registry, name: str) -> str:
 
 
 def _method_registries():
-    from .heads import HEADS
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.heads import HEADS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     return (LOSSES, SAMPLERS, HEADS)
 
@@ -475,7 +475,7 @@ def _parse_params(places: _Places, params: Any) -> Dict[str, Dict[str, Any]]:
 
 
 def _parse_train(places: _Places, train: Any) -> Dict[str, Any]:
-    from .stage_two import TrainConfig
+    from decouple.stage_two.fit import TrainConfig
 
     if not isinstance(train, Mapping):
         raise places.error(("train",), f"must be a mapping of training settings; got {train!r}")
@@ -527,9 +527,9 @@ def _check_cells(
     """
     import numpy as np
 
-    from .errors import ClassCountError
-    from .heads import create_head
-    from .stage_two import Cell, method_params, validate_cell
+    from decouple.errors import ClassCountError
+    from decouple.stage_two.heads import create_head
+    from decouple.stage_two.fit import Cell, method_params, validate_cell
 
     train = train if train is not None else config.train_config()
     counts = np.array([100, 30, 10, 3, 1]) if class_counts is None else np.asarray(class_counts)
@@ -660,8 +660,8 @@ def check_feature_files(config: SweepConfig) -> None:
 
 def plan_sweep(config: SweepConfig, *, db: Optional[str] = None, train_overrides: Optional[Mapping[str, Any]] = None) -> SweepPlan:
     """Check the feature files, key every cell and look up the finished ones."""
-    from .features import read_train_counts
-    from .results import ResultStore
+    from decouple.features import read_train_counts
+    from decouple.study.results import ResultStore
 
     check_feature_files(config)
     train = config.train_config(**dict(train_overrides or {}))
@@ -730,18 +730,18 @@ def run_sweep(
 ) -> SweepSummary:
     """Run every cell of ``config`` not yet in the database; returns a summary.
 
-    Cells of one feature file go to :func:`~decouple.stage_two.fit_cells`
+    Cells of one feature file go to :func:`~decouple.stage_two.fit.fit_cells`
     together, which fuses those sharing a sampler and seed into one pass over
     the features (``fuse=False`` runs them one at a time, for benchmarks).
     Each result is written in its own transaction the moment it arrives, so
     an interruption loses only the pass in flight. Ctrl-C raises
     :class:`SweepInterrupted` after the finished cells are safe.
     ``on_result(record)`` is called with each stored
-    :class:`~decouple.results.CellRecord`.
+    :class:`~decouple.study.results.CellRecord`.
     """
-    from .features import read_features
-    from .results import CellRecord, ResultStore
-    from .stage_two import fit_cells
+    from decouple.features import read_features
+    from decouple.study.results import CellRecord, ResultStore
+    from decouple.stage_two.fit import fit_cells
 
     if not isinstance(config, SweepConfig):
         config = load_config(config)

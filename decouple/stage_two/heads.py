@@ -9,15 +9,15 @@ Two kinds of head:
 
 * **trainable** (``trainable = True``: linear, cosine, tau_norm, lws) are
   trained by gradient descent with a long-tailed loss and a re-sampler.
-  Their weights come from the fused trainer of :mod:`decouple.stage_two`,
-  which :func:`decouple.stage_two.fit_cells` shares between heads: tau_norm
+  Their weights come from the fused trainer of :mod:`decouple.stage_two.fit`,
+  which :func:`decouple.stage_two.fit.fit_cells` shares between heads: tau_norm
   and lws start from the linear head trained with the same loss, sampler and
   seed.
 * **training-free** (ncm, knn) take no loss or sampler and search a FAISS
   index (on the GPU when FAISS sees one).
 
 Gradient heads work in the standardised feature space of
-:class:`decouple.stage_two.PreparedData` (every feature centred and scaled
+:class:`decouple.stage_two.fit.PreparedData` (every feature centred and scaled
 to the same spread with train statistics, row RMS norm 10) and expose
 ``coef_`` (C, D) and ``intercept_`` (C,) in the original feature space where
 the head is linear in the features (``mean_`` and ``scale_`` hold the
@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .registry import Registry
+from decouple.errors import ConfigError
+from decouple.registry import Registry
 
 HEADS = Registry("head")
 register_head = HEADS.register
@@ -104,7 +104,7 @@ def _plain(value: Any) -> Any:
 
 
 class TrainableHead(Head):
-    """A head trained by the fused trainer of :mod:`decouple.stage_two`."""
+    """A head trained by the fused trainer of :mod:`decouple.stage_two.fit`."""
 
     trainable = True
     #: Which weights it trains: "linear" (x W + b) or "cosine".
@@ -120,8 +120,8 @@ class TrainableHead(Head):
         """Loss settings used to train the weights: ``given`` over the loss's
         defaults for this head's family and for a head on fixed features
         (LDAM's scale s and re-weighting start, see
-        :func:`decouple.losses.family_settings`)."""
-        from .losses import family_settings
+        :func:`decouple.stage_two.losses.family_settings`)."""
+        from decouple.stage_two.losses import family_settings
 
         return family_settings(loss, self.family, dict(given), fixed_features=True)
 
@@ -139,8 +139,8 @@ class TrainableHead(Head):
         train: Any,
     ) -> None:
         """Build the loss and sampler once so bad settings fail before training."""
-        from .losses import create_loss
-        from .samplers import create_sampler
+        from decouple.stage_two.losses import create_loss
+        from decouple.stage_two.samplers import create_sampler
 
         labels = np.repeat(np.arange(len(class_counts)), class_counts)
         create_loss(loss, class_counts=class_counts, **self.training_loss_params(loss, settings["loss"]))
@@ -165,9 +165,9 @@ class TrainableHead(Head):
     ) -> "TrainableHead":
         """Train on ``X`` (N, D), ``y`` (N,) with ``loss`` and ``sampler``;
         the epoch (and tau) are chosen on ``X_val``, ``y_val`` when given."""
-        from .losses import create_loss
-        from .samplers import create_sampler
-        from .stage_two import PreparedData, TrainConfig, train_heads
+        from decouple.stage_two.losses import create_loss
+        from decouple.stage_two.samplers import create_sampler
+        from decouple.stage_two.fit import PreparedData, TrainConfig, train_heads
 
         train = (train or TrainConfig()).validated().for_rows(len(y))
         loss_params = dict(loss_params or {})
@@ -219,8 +219,8 @@ class TrainableHead(Head):
         train: Any,
     ) -> "TrainableHead":
         """Finish fitting from weights the fused trainer produced (a TrainedWeights)."""
-        from .losses import LOSSES
-        from .samplers import SAMPLERS
+        from decouple.stage_two.losses import LOSSES
+        from decouple.stage_two.samplers import SAMPLERS
 
         resolved_loss = {k: v for k, v in LOSSES.parameters(loss).items() if k != "class_counts"}
         resolved_loss.update(self.training_loss_params(loss, loss_params))
@@ -287,7 +287,7 @@ class CosineHead(TrainableHead):
     2019) and analysed by Kang et al. (ICLR 2020). ``scale`` s (16) sets the
     softmax temperature; a loss with its own scale (ldam's s) replaces it.
     x is the standardised feature (centred, every feature scaled to the same
-    spread; :class:`decouple.stage_two.PreparedData`), the decoupled
+    spread; :class:`decouple.stage_two.fit.PreparedData`), the decoupled
     counterpart of the batch-normalised embedding a network would feed it:
     the raw pooled features of a ReLU network all lie in one narrow cone,
     where cosines barely separate the classes.
@@ -351,7 +351,7 @@ class TauNormHead(TrainableHead):
         weight = trained.weight
         norms = weight.norm(dim=1).clamp_min(1e-12)
         if data.x_val is not None:
-            from .stage_two import mean_class_score
+            from decouple.stage_two.fit import mean_class_score
 
             with torch.no_grad():
                 stacked = torch.cat([weight / norms[:, None] ** tau for tau in taus])  # (T * C, D)
@@ -393,8 +393,8 @@ class LWSHead(TrainableHead):
     def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
         import torch
 
-        from .samplers import create_sampler
-        from .stage_two import cpu_threads_for, make_optimizer
+        from decouple.stage_two.samplers import create_sampler
+        from decouple.stage_two.fit import cpu_threads_for, make_optimizer
 
         epochs = int(self.epochs if self.epochs is not None else train.epochs)
         if epochs < 1:
@@ -430,7 +430,7 @@ class LWSHead(TrainableHead):
 
         import torch
 
-        from .stage_two import EpochChooser, is_checkpoint, mean_class_score
+        from decouple.stage_two.fit import EpochChooser, is_checkpoint, mean_class_score
 
         steps = epochs * -(-len(data.y) // train.batch_size)
         step = 0

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .errors import ConfigError, DataError
-from .registry import Registry
+from decouple.errors import ConfigError, DataError
+from decouple.registry import Registry
 
 SAMPLERS = Registry("sampler")
 register_sampler = SAMPLERS.register

@@ -52,9 +52,9 @@ def write_digits_folder(root: Path, *, test_per_class: int = 50, size: int = 32,
 def demo_sweep_config(features_path: Path, db_path: Path, *, seeds: List[int], epochs: Optional[int] = None) -> Dict:
     """Every registered head, loss and sampler over the demo's feature file;
     ``epochs`` None trains with stage two's default budget."""
-    from .heads import HEADS
-    from .losses import LOSSES
-    from .samplers import SAMPLERS
+    from decouple.stage_two.heads import HEADS
+    from decouple.stage_two.losses import LOSSES
+    from decouple.stage_two.samplers import SAMPLERS
 
     return {
         "features": [{"path": str(features_path), "name": "digits_lt", "backbone": "resnet32_cifar"}],
@@ -86,13 +86,13 @@ def run_demo(
     ``results.db``, ``results.md``, ``results.csv``, ``cells.csv`` and
     ``plots/``. A rerun reuses the finished parts.
     """
-    from .atomic import write_text_atomic
-    from .export import render
-    from .extract import ExtractConfig, run_extract
-    from .finetune import FinetuneConfig
-    from .plots import export_plots
-    from .results import load_records
-    from .sweep import parse_config, run_sweep
+    from decouple.atomic import write_text_atomic
+    from decouple.study.export import render
+    from decouple.stage_one.extract import ExtractConfig, run_extract
+    from decouple.stage_one.finetune import FinetuneConfig
+    from decouple.study.plots import export_plots
+    from decouple.study.results import load_records
+    from decouple.study.sweep import parse_config, run_sweep
 
     out = Path(out_dir)
     seeds = [0] if seeds is None else list(seeds)

@@ -1,0 +1,1 @@
+"""Studies: sweeps over stage two's grid, the results store, tables and plots."""
