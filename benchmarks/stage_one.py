@@ -26,10 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decouple.stage_one.backbones import create_backbone, embed, embedding_dim  # noqa: E402
-from decouple.stage_one.data import ImageDataset, prepare_manifest  # noqa: E402
-from decouple.stage_one.extract import embed_split  # noqa: E402
 from decouple.features import FeatureWriter  # noqa: E402
-from decouple.stage_one.finetune import DistInfo, FinetuneConfig, data_config_for, finetune, make_transform, resolve_device  # noqa: E402
+from decouple.stage_one.distributed import DistInfo, resolve_device  # noqa: E402
+from decouple.stage_one.extract import embed_split  # noqa: E402
+from decouple.stage_one.finetune import FinetuneConfig, data_config_for, finetune, make_transform  # noqa: E402
+from decouple.stage_one.images import ImageDataset  # noqa: E402
+from decouple.stage_one.splits import SplitOptions, prepare_manifest  # noqa: E402
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
 
@@ -88,7 +90,7 @@ def main() -> None:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = unpack_subset(args.per_class, Path(tmp))
-        manifest = prepare_manifest(data, val_fraction=0.0, min_val_per_class=0, test_fraction=0.0)
+        manifest = prepare_manifest(data, SplitOptions(val_fraction=0.0, min_val_per_class=0, test_fraction=0.0))
         train = manifest.splits["train"]
         model, _ = create_backbone(args.backbone, num_classes=manifest.num_classes)
         model.to(device)

@@ -34,7 +34,11 @@ import torch.nn.functional as F
 
 from decouple.stage_two.losses import create_loss, list_losses
 from decouple.stage_two.samplers import create_sampler, list_samplers
-from decouple.stage_two.fit import Cell, PreparedData, TrainConfig, fit_cells, train_heads
+from decouple.stage_two.cells import Cell
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.fit import fit_cells
+from decouple.stage_two.heads import LinearFamily
+from decouple.stage_two.trainer import PreparedData, train_heads
 from decouple.synthetic import gaussian_long_tailed
 
 
@@ -114,7 +118,7 @@ def main() -> None:
     warm = TrainConfig(epochs=1, device="cpu", precision=config.precision)
     data = PreparedData.from_arrays(train.features, train.labels, val_features=val.features,
                                     val_labels=val.labels, device="cpu")
-    train_heads(data, [create_loss("ce", class_counts=counts)], sampler=sampler(epochs=1), train=warm)
+    train_heads(data, [create_loss("ce", class_counts=counts)], sampler=sampler(epochs=1), family=LinearFamily(), train=warm)
     bare_loop(train.features, train.labels, sampler(epochs=1), warm.validated())
 
     # 1. One head: ours beside the bare loop, alternated, best of `repeats`;
@@ -124,7 +128,7 @@ def main() -> None:
             train.features, train.labels, device="cpu",
             val_features=val.features if with_val else None, val_labels=val.labels if with_val else None,
         )
-        return train_heads(prepared, [create_loss("ce", class_counts=counts)], sampler=sampler(), train=config)
+        return train_heads(prepared, [create_loss("ce", class_counts=counts)], sampler=sampler(), family=LinearFamily(), train=config)
 
     for with_val in (True, False):
         ours_times, bare_times = [], []
@@ -140,10 +144,10 @@ def main() -> None:
     # 2. Fused: 8 losses on one sampler in one pass vs 8 passes.
     loss_names = [name for name, _ in list_losses()]
     losses = [create_loss(name, class_counts=counts) for name in loss_names]
-    _, fused_s = timed(train_heads, data, losses, sampler=sampler(), train=config)
+    _, fused_s = timed(train_heads, data, losses, sampler=sampler(), family=LinearFamily(), train=config)
     separate_s = 0.0
     for loss in losses:
-        _, seconds = timed(train_heads, data, [loss], sampler=sampler(), train=config)
+        _, seconds = timed(train_heads, data, [loss], sampler=sampler(), family=LinearFamily(), train=config)
         separate_s += seconds
     print(f"{len(losses)} linear heads ({', '.join(loss_names)}), instance: fused {fused_s:.2f} s, "
           f"separate {separate_s:.2f} s, speed-up {separate_s / fused_s:.2f}x")

@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     from decouple.features import write_features
     from decouple.stage_two.losses import LOSSES
     from decouple.stage_two.samplers import SAMPLERS
-    from decouple.stage_two.fit import native_bfloat16
+    from decouple.stage_two.config import native_bfloat16
     from decouple.synthetic import gaussian_long_tailed
-    from decouple.study.sweep import parse_config, run_sweep
+    from decouple.study.config import parse_config
+    from decouple.study.runner import run_sweep
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="decouple-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         assert len(feature_set.splits["train"]) == 10847
         write_features(features, feature_set, dtype="float32")
     losses, samplers = LOSSES.names(), SAMPLERS.names()
-    from decouple.stage_two.fit import TrainConfig
+    from decouple.stage_two.config import TrainConfig
 
     budget = TrainConfig(epochs=args.epochs).validated().for_rows(10847)
     print(f"grid: linear head x {len(losses)} losses x {len(samplers)} samplers = "

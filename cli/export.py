@@ -59,7 +59,7 @@ def export(
     from decouple.errors import DecoupleError
     from decouple.atomic import write_text_atomic
     from decouple.study.export import render
-    from decouple.study.results import load_records
+    from decouple.study.store import load_records
 
     records = load_records(
         db,

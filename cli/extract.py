@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any, Dict, Optional, Tuple
@@ -103,26 +104,27 @@ def extract(**options: Any) -> None:
     """
     from decouple.stage_one.extract import ExtractConfig, run_extract
     from decouple.stage_one.finetune import FinetuneConfig
+    from decouple.stage_one.splits import SplitOptions
 
     progress = options.pop("progress")
     as_json = options.pop("as_json")
+    seed = options["seed"]  # seeds the splits and the fine-tune alike
+    split = SplitOptions(**{field.name: options.pop(field.name) for field in dataclasses.fields(SplitOptions)})
     finetune_keys = (
         "epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "schedule",
         "warmup_epochs", "lr_decay", "accumulate", "amp", "channels_last", "loss", "sampler",
-        "workers", "seed",
+        "workers",
     )
     finetune = FinetuneConfig(
-        **{key: options[key] for key in finetune_keys},
+        **{key: options.pop(key) for key in finetune_keys},
+        seed=seed,
         lr_steps=_parse_steps(options.pop("lr_steps")),
         loss_params=_parse_params("--loss-param", options.pop("loss_param")),
         sampler_params=_parse_params("--sampler-param", options.pop("sampler_param")),
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    for key in finetune_keys:
-        if key != "seed":
-            options.pop(key)
     log = lambda message: click.echo(message, err=True)  # stdout holds only the result
-    result = run_extract(ExtractConfig(finetune=finetune, **options), log=log)
+    result = run_extract(ExtractConfig(split=split, finetune=finetune, **options), log=log)
     if result.world_size > 1:
         import os
 

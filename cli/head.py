@@ -62,7 +62,9 @@ def head(
     output: Optional[str],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
-    from decouple.stage_two.fit import Cell, TrainConfig, fit_file
+    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.config import TrainConfig
+    from decouple.stage_two.fit import fit_file
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)

@@ -13,11 +13,11 @@ KINDS = ("losses", "samplers", "heads")
 @click.argument("kind", required=False, type=click.Choice(KINDS))
 def list_cmd(kind: Optional[str]) -> None:
     """List losses, samplers or heads (all three without KIND), one line each."""
-    from decouple.stage_two.heads import list_heads
+    from decouple.stage_two.heads import head_families, list_heads
     from decouple.stage_two.losses import list_losses
     from decouple.stage_two.samplers import list_samplers
 
-    listings = {"losses": list_losses, "samplers": list_samplers, "heads": list_heads}
+    listings = {"losses": lambda: list_losses(head_families()), "samplers": list_samplers, "heads": list_heads}
     kinds = [kind] if kind else list(KINDS)
     for index, name in enumerate(kinds):
         entries = listings[name]()

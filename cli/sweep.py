@@ -24,7 +24,9 @@ def sweep(config: str, db: Optional[str], device: Optional[str], dry_run: bool, 
     stored at once, in its own transaction: a rerun skips finished cells, and
     Ctrl-C keeps everything finished so far.
     """
-    from decouple.study.sweep import SweepInterrupted, load_config, plan_sweep, run_sweep
+    from decouple.study.config import load_config
+    from decouple.study.plan import plan_sweep
+    from decouple.study.runner import SweepInterrupted, run_sweep
 
     sweep_config = load_config(config)
     overrides = {"device": device} if device else {}

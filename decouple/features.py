@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import h5py
 import numpy as np
 
 from decouple.atomic import commit, temporary_sibling
 from decouple.errors import FeatureFileError
+from decouple.metrics import shot_groups
 
 FORMAT = "decouple-features"
 VERSION = 1
@@ -93,8 +95,6 @@ def _decode(value: Any) -> Any:
 
 
 def _open_for_reading(path: Path):
-    import h5py
-
     if not path.exists():
         raise FeatureFileError(f"{path}: no such feature file")
     if path.is_dir():
@@ -220,8 +220,6 @@ def read_train_counts(path: PathLike) -> np.ndarray:
 
 def _split_group(path: Path, handle: Any, name: str, fields: Sequence[str]) -> Any:
     """The HDF5 group /``name``, checked to hold the datasets ``fields``."""
-    import h5py
-
     group = handle[name]
     if not isinstance(group, h5py.Group):
         raise FeatureFileError(f"{path}: /{name} must be a group holding features and labels")
@@ -322,8 +320,6 @@ class FeatureWriter:
         self._handle = None
 
     def __enter__(self) -> "FeatureWriter":
-        import h5py
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = h5py.File(self.tmp_path, "w")
         handle = self._handle
@@ -410,8 +406,6 @@ def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.f
 def summarize(feature_set: FeatureSet, *, many_threshold: int = 100, few_threshold: int = 20) -> Dict[str, Any]:
     """What ``decouple info`` prints: per-split N and D, class count, training
     count statistics and the size of each shot group."""
-    from decouple.metrics import shot_groups
-
     counts = feature_set.train_counts
     groups = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
     return {

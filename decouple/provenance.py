@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 from datetime import datetime, timezone
+from importlib import metadata
 from typing import Any, Dict, Mapping, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,8 +38,6 @@ def package_versions(packages: Mapping[str, str] = VERSION_PACKAGES) -> Dict[str
     build tags (torch's ``2.3.0+cu121``); any other comes from the installed
     metadata. ``cuda`` is added when torch is loaded and sees a GPU.
     """
-    from importlib import metadata
-
     versions = {"python": platform.python_version()}
     for distribution, module_name in packages.items():
         version = getattr(sys.modules.get(module_name), "__version__", None)

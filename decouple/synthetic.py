@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from decouple.features import FeatureSet, Split
-from decouple.stage_one.profiles import exponential_counts
+from decouple.profiles import exponential_counts
 
 
 def gaussian_long_tailed(

@@ -38,7 +38,7 @@ def test_head_json_is_designs_object_and_output_appends(tmp_path, gaussian_featu
 
 def test_head_precision_option_is_recorded_and_checked(gaussian_features):
     args = ["head", "--features", gaussian_features, "--epochs", "2", "--json"]
-    from decouple.stage_two.fit import TrainConfig
+    from decouple.stage_two.config import TrainConfig
 
     default = json.loads(_run(args + ["--device", "cpu"]))["params"]["train"]["precision"]
     assert default == TrainConfig(device="cpu").validated().precision  # "auto", resolved
@@ -80,11 +80,11 @@ def test_list_prints_one_line_per_entry():
 
 
 def test_list_losses_names_ldams_scale_for_every_head_family():
-    from decouple.stage_two.heads import HEADS
-    from decouple.stage_two.losses import HEAD_FAMILIES
+    from decouple.stage_two.heads import HEADS, head_families
 
-    trainable = {name: HEADS.get(name).family for name in HEADS.names() if hasattr(HEADS.get(name), "family")}
-    assert trainable == {name: family for family, members in HEAD_FAMILIES.items() for name in members if name in HEADS.names()}
+    trainable = {name: HEADS.get(name).family for name in HEADS.names() if HEADS.get(name).trainable}
+    assert trainable == {name: family for family, members in head_families().items() for name in members if name in HEADS.names()}
+    assert head_families()["linear"][-1] == "stage one"
     ldam = next(line for line in _run(["list", "losses"]).splitlines() if line.startswith("ldam"))
     assert ldam.endswith("(s=1 on linear, tau_norm, lws and stage one; s=30 on cosine)")
 

@@ -21,7 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decouple.stage_two.fit import Cell, TrainConfig, fit_cells
+from decouple.stage_two.cells import Cell
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.fit import fit_cells
 from decouple.synthetic import embedding_like_long_tailed, gaussian_long_tailed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from decouple.errors import DecoupleError
 from decouple.study.export import render, summarize
-from decouple.study.results import METRIC_COLUMNS, CellRecord, ResultStore
+from decouple.study.store import METRIC_COLUMNS, CellRecord, ResultStore
 from test_results import make_record
 
 CONTRACT_COLUMNS = ["features", "head", "loss", "sampler", "seed", "split", "n",

@@ -19,11 +19,12 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from cli.main import cli
-from decouple.stage_one.data import read_manifest
-from decouple.stage_one.extract import ExtractConfig, run_extract, shard_batches
 from decouple.features import read_features
+from decouple.profiles import exponential_counts
+from decouple.stage_one.extract import ExtractConfig, run_extract, shard_batches
 from decouple.stage_one.finetune import FinetuneConfig
-from decouple.stage_one.profiles import exponential_counts
+from decouple.stage_one.manifest import read_manifest
+from decouple.stage_one.splits import SplitOptions
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
 PER_CLASS = 20  # images per class and split taken from the tarball
@@ -59,7 +60,7 @@ def base_args(data: Path, out_dir: Path, *extra: str) -> list:
 
 def config(data: Path, out_dir: Path, *, run: str, epochs: int = 1, **kwargs) -> ExtractConfig:
     return ExtractConfig(
-        data=str(data), backbone="test_resnet", imbalance=10, val_per_class=2, features_dir=str(out_dir),
+        data=str(data), backbone="test_resnet", split=SplitOptions(imbalance=10, val_per_class=2), features_dir=str(out_dir),
         run=run, finetune=FinetuneConfig(epochs=epochs, batch_size=16, progress=False), **kwargs,
     )
 
@@ -177,7 +178,7 @@ def test_two_processes_match_one(cifar_subset, tmp_path):
     assert json.loads(ddp.attrs["config"])["world_size"] == 2
     # rank order survives the merge: re-embed test with the trained weights in one process
     from decouple.stage_one.backbones import create_backbone, embed
-    from decouple.stage_one.data import ImageDataset
+    from decouple.stage_one.images import ImageDataset
     from decouple.stage_one.finetune import data_config_for, make_transform
 
     model, _ = create_backbone("test_resnet", num_classes=10)

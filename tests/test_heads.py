@@ -7,7 +7,7 @@ import pytest
 
 from decouple.errors import ConfigError, UnknownNameError
 from decouple.stage_two.heads import DEFAULT_TAUS, HEADS, create_head, list_heads
-from decouple.stage_two.fit import TrainConfig
+from decouple.stage_two.config import TrainConfig
 
 FAST = TrainConfig(epochs=5, device="cpu")
 

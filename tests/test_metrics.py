@@ -72,3 +72,23 @@ def test_group_macro_f1_hand_case():
     assert result["medium_f1"] == pytest.approx(2 / 3)
     assert result["few_f1"] is None
     assert result["macro_f1"] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hand_written_metrics_equal_scikit_learns(seed):
+    """top-k and mean per-class accuracy are hand-written for speed and memory
+    (see their docstrings); on untied scores they equal scikit-learn's."""
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+    rng = np.random.default_rng(seed)
+    num_classes = 12
+    labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, 300)])
+    scores = rng.standard_normal((len(labels), num_classes)) + 1.5 * np.eye(num_classes)[labels]
+    for k in (1, 3, 5):
+        assert top_k_accuracy(labels, scores, k) == pytest.approx(
+            top_k_accuracy_score(labels, scores, k=k, labels=np.arange(num_classes)), abs=1e-12
+        )
+    predictions = scores.argmax(axis=1)
+    assert mean_class_accuracy(labels, predictions, num_classes) == pytest.approx(
+        balanced_accuracy_score(labels, predictions), abs=1e-12
+    )

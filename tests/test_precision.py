@@ -13,7 +13,11 @@ import torch
 from decouple.errors import ConfigError
 from decouple.stage_two.losses import LOSSES, create_loss
 from decouple.stage_two.samplers import create_sampler
-from decouple.stage_two.fit import PRECISIONS, Cell, PreparedData, TrainConfig, fit_cells, train_heads
+from decouple.stage_two.cells import Cell
+from decouple.stage_two.config import PRECISIONS, TrainConfig
+from decouple.stage_two.fit import fit_cells
+from decouple.stage_two.heads import LinearFamily
+from decouple.stage_two.trainer import PreparedData, train_heads
 from decouple.synthetic import gaussian_long_tailed, nearest_mean_accuracy
 
 # One fused pass per (sampler, family): linear (with tau_norm and lws on the
@@ -125,13 +129,13 @@ def test_bfloat16_keeps_float32_weights_and_fuses_like_separate_passes(gaussian_
         return create_sampler("square_root", train_split.labels, total_epochs=3, seed=3)
 
     fused = train_heads(data, [create_loss(n, class_counts=data.class_counts) for n in names],
-                        sampler=sampler(), seed=3, train=train)
+                        sampler=sampler(), family=LinearFamily(), seed=3, train=train)
     for name, together in zip(names, fused):
-        assert together.weight.dtype == torch.float32 and together.bias.dtype == torch.float32
+        assert together.params["weight"].dtype == torch.float32 and together.params["bias"].dtype == torch.float32
         alone = train_heads(data, [create_loss(name, class_counts=data.class_counts)],
-                            sampler=sampler(), seed=3, train=train)[0]
+                            sampler=sampler(), family=LinearFamily(), seed=3, train=train)[0]
         assert together.epoch == alone.epoch
-        torch.testing.assert_close(together.weight, alone.weight, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(together.params["weight"], alone.params["weight"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("bad", ["fp16", "bf16", "", None, 16])
@@ -143,7 +147,8 @@ def test_a_bad_precision_is_a_config_error(gaussian_feature_set, bad):
 
 
 def test_sweep_config_takes_precision_and_keys_cells_by_it():
-    from decouple.study.sweep import FeatureSpec, cell_key, parse_config
+    from decouple.study.config import FeatureSpec, parse_config
+    from decouple.study.plan import cell_key
 
     def config(train):
         return parse_config({"features": ["f.h5"], "grid": {"head": ["linear"], "loss": ["ce"]}, "train": train})

@@ -3,7 +3,7 @@
 import pytest
 
 from decouple.errors import ConfigError, UnknownNameError
-from decouple.stage_one.profiles import exponential_counts
+from decouple.profiles import exponential_counts
 from decouple.registry import Registry
 
 

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from decouple.errors import DecoupleError
-from decouple.study.results import CellRecord, ResultStore, load_records
+from decouple.study.store import CellRecord, ResultStore, load_records
 
 
 def make_record(head="linear", loss="ce", sampler="instance", seed=0, *, key=None, top1=0.5, few=0.25,
@@ -155,7 +155,7 @@ def test_a_crash_while_creating_the_schema_leaves_a_database_that_opens(tmp_path
     db = tmp_path / "results.db"
     script = textwrap.dedent(f"""
         import os, sqlite3
-        import decouple.study.results as results
+        import decouple.study.store as store
 
         class DiesAfterFirstCreate(sqlite3.Connection):
             def execute(self, sql, *args):
@@ -165,8 +165,8 @@ def test_a_crash_while_creating_the_schema_leaves_a_database_that_opens(tmp_path
                 return cursor
 
         real_connect = sqlite3.connect
-        results.sqlite3.connect = lambda *a, **k: real_connect(*a, factory=DiesAfterFirstCreate, **k)
-        results.ResultStore({str(db)!r})
+        store.sqlite3.connect = lambda *a, **k: real_connect(*a, factory=DiesAfterFirstCreate, **k)
+        store.ResultStore({str(db)!r})
     """)
     crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert crashed.returncode == 3, crashed.stderr

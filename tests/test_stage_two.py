@@ -13,17 +13,11 @@ from decouple.errors import ConfigError, DecoupleError, UnknownNameError
 from decouple.features import FeatureSet, Split
 from decouple.stage_two.losses import create_loss
 from decouple.stage_two.samplers import create_sampler
-from decouple.stage_two.fit import (
-    Cell,
-    CellResult,
-    PreparedData,
-    TrainConfig,
-    fit_cell,
-    fit_cells,
-    method_params,
-    train_heads,
-    validate_cell,
-)
+from decouple.stage_two.cells import Cell, CellResult, method_params, validate_cell
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.fit import fit_cell, fit_cells
+from decouple.stage_two.heads import LinearFamily
+from decouple.stage_two.trainer import PreparedData, train_heads
 from decouple.synthetic import gaussian_long_tailed, nearest_mean_accuracy
 
 CHANCE = 1 / 20
@@ -189,13 +183,13 @@ def test_fused_training_equals_separate_training(gaussian_feature_set):
         return create_sampler("square_root", labels, total_epochs=4, seed=3)
 
     fused = train_heads(data, [create_loss(n, class_counts=counts) for n in names],
-                        sampler=sampler(), seed=3, train=_small_train())
+                        sampler=sampler(), family=LinearFamily(), seed=3, train=_small_train())
     for name, together in zip(names, fused):
         alone = train_heads(data, [create_loss(name, class_counts=counts)],
-                            sampler=sampler(), seed=3, train=_small_train())[0]
+                            sampler=sampler(), family=LinearFamily(), seed=3, train=_small_train())[0]
         assert together.epoch == alone.epoch
-        torch.testing.assert_close(together.weight, alone.weight, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(together.bias, alone.bias, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.params["weight"], alone.params["weight"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.params["bias"], alone.params["bias"], rtol=1e-4, atol=1e-5)
 
 
 def test_same_seed_same_numbers_and_other_seed_differs(gaussian_feature_set):

@@ -18,15 +18,11 @@ from click.testing import CliRunner
 
 from decouple.errors import ConfigError, FeatureFileError
 from decouple.features import write_features
-from decouple.study.results import ResultStore
+from decouple.study.config import load_config, parse_config
+from decouple.study.plan import plan_sweep
+from decouple.study.runner import SweepInterrupted, run_sweep
+from decouple.study.store import ResultStore
 from decouple.synthetic import gaussian_long_tailed
-from decouple.study.sweep import (
-    SweepInterrupted,
-    load_config,
-    parse_config,
-    plan_sweep,
-    run_sweep,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -374,14 +370,14 @@ def test_stored_cells_carry_provenance(full_run, features_path):
 
 def test_sweep_command_interrupted_exits_130_and_says_rerun(tmp_path, features_path, monkeypatch):
     from cli.main import cli
-    import decouple.stage_two.fit
+    import decouple.study.runner as runner
 
     db = tmp_path / "cli.db"
     path = write_config(tmp_path, small_config(features_path, db))
     result = CliRunner().invoke(cli, ["sweep", str(path), "--dry-run"])
     assert result.exit_code == 0 and "18 cells: 0 already in" in result.output
 
-    real_fit_cells = decouple.stage_two.fit.fit_cells
+    real_fit_cells = runner.fit_cells
 
     def fit_then_interrupt(feature_set, cells, *, on_result, **kwargs):
         stored = []
@@ -394,7 +390,7 @@ def test_sweep_command_interrupted_exits_130_and_says_rerun(tmp_path, features_p
 
         return real_fit_cells(feature_set, cells, on_result=store_then_interrupt, **kwargs)
 
-    monkeypatch.setattr(decouple.stage_two.fit, "fit_cells", fit_then_interrupt)
+    monkeypatch.setattr(runner, "fit_cells", fit_then_interrupt)
     result = CliRunner().invoke(cli, ["sweep", str(path), "--no-progress"])
     assert result.exit_code == 130
     assert "interrupted: 3 of 18 cells are stored in" in result.output
@@ -509,7 +505,7 @@ def test_the_shipped_configs_commands_use_real_options_and_name_their_files(name
 
 def test_head_takes_loss_follows_each_head_class():
     from decouple.stage_two.heads import HEADS, Head
-    from decouple.study.sweep import head_takes_loss
+    from decouple.study.grid import head_takes_loss
 
     assert [name for name in HEADS.names() if head_takes_loss(name)] == ["linear", "cosine", "tau_norm", "lws"]
     assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn"]

@@ -1,6 +1,8 @@
 """Stage one: images to a feature file.
 
-Sources and long-tailed splits (saved as a manifest), image decoding, timm
-backbones, fine-tuning (torch DDP under torchrun) and extraction of every
-split's embeddings to HDF5 (:mod:`decouple.features`).
+One module a step: ``sources`` (the data-source registry), ``splits`` (the
+long-tailed subsample and val / test splits), ``manifest`` (the splits as
+CSV), ``images`` (decoding and the Dataset), ``backbones`` (timm models and
+weights), ``finetune`` (the training loop), ``distributed`` (torchrun ranks)
+and ``extract`` (every split's embeddings to HDF5, :mod:`decouple.features`).
 """

@@ -26,9 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._registry import is_model
+
+try:
+    import huggingface_hub.constants as hub_constants
+except ImportError:  # timm without hub support: no offline switch to flip
+    hub_constants = None
 
 from decouple.errors import DecoupleError, UnknownNameError, did_you_mean
 from decouple.provenance import file_sha256
@@ -164,15 +173,10 @@ default_cfgs: Dict[str, Dict[str, Any]] = {"resnet32_cifar": dict(_CIFAR_CFG)}
 
 def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> ResNetCifar:
     """ResNet-32 for 32x32 inputs (He et al. 2016), the CIFAR-LT backbone of Cao et al. 2019."""
-    from timm.models._builder import build_model_with_cfg
-
     return build_model_with_cfg(ResNetCifar, "resnet32_cifar", pretrained, depth=32, **kwargs)
 
 
 def _register_in_timm() -> None:
-    from timm.models import register_model
-    from timm.models._registry import is_model
-
     if not is_model("resnet32_cifar"):  # importlib.reload must not register twice
         register_model(resnet32_cifar)
 
@@ -208,8 +212,6 @@ class WeightsReport:
 def check_backbone(name: str) -> str:
     """Return ``name`` if timm knows it (an optional ``.tag`` allowed), else
     raise UnknownNameError with the closest timm names."""
-    import timm
-
     architecture = name.split(".", 1)[0]
     if timm.is_model(architecture):
         return name
@@ -235,8 +237,6 @@ def create_backbone(
     ``pretrained`` asks timm for its weights (only from a local cache when
     offline); ``weights`` loads a local state dict with :func:`load_weights`.
     """
-    import timm
-
     check_backbone(name)
     if pretrained and weights is not None:
         raise DecoupleError("--pretrained and --weights exclude each other; pass one")
@@ -270,9 +270,7 @@ def create_backbone(
 def _hub_offline_unless_reachable(timeout: float = 3.0):
     """Use only the local Hugging Face cache when the hub cannot be reached, so
     an offline machine fails at once instead of after minutes of retries."""
-    try:
-        import huggingface_hub.constants as hub_constants
-    except ImportError:  # timm without hub support: nothing to switch
+    if hub_constants is None:
         yield
         return
     saved = hub_constants.HF_HUB_OFFLINE
@@ -351,6 +349,8 @@ def load_weights(model: nn.Module, path: PathLike) -> WeightsReport:
 
     Keys that all exist in the model load by name; otherwise tensors pair up
     by position and shape (BatchNorm ``num_batches_tracked`` counters aside).
+    Not timm's ``remap_state_dict``: it pairs every key, counters included,
+    and asserts on the classifier of another class count instead of keeping it.
     Only the classifier may differ (another class count): it keeps its fresh
     initialisation. Any other mismatch is a DecoupleError naming it.
     """

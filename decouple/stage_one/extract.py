@@ -14,57 +14,70 @@ training augmentation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from decouple.atomic import commit
-from decouple.stage_one.backbones import create_backbone, embed, embedding_dim, has_fixed_input_size, model_input_size, state_dict_sha256
-from decouple.stage_one.data import ImageDataset, Manifest, SplitItems, native_image_size, prepare_manifest, save_manifest
 from decouple.errors import ConfigError, DecoupleError
 from decouple.features import FeatureWriter
-from decouple.stage_one.finetune import (
+from decouple.provenance import jsonable, package_versions
+from decouple.stage_one.backbones import (
+    WeightsReport,
+    check_backbone,
+    create_backbone,
+    embed,
+    embedding_dim,
+    has_fixed_input_size,
+    model_input_size,
+    state_dict_sha256,
+)
+from decouple.stage_one.distributed import (
     DistInfo,
-    FinetuneConfig,
     broadcast_from_main,
-    data_config_for,
     default_workers,
-    finetune,
     init_distributed,
+    shutdown_distributed,
+)
+from decouple.stage_one.finetune import (
+    EpochStats,
+    FinetuneConfig,
+    data_config_for,
+    finetune,
     is_disk_full,
     make_transform,
     seed_everything,
-    shutdown_distributed,
 )
-from decouple.provenance import jsonable, package_versions
+from decouple.stage_one.images import ImageDataset, native_image_size
+from decouple.stage_one.manifest import Manifest, SplitItems, save_manifest
+from decouple.stage_one.splits import SplitOptions, prepare_manifest
+from decouple.stage_two.losses import LOSSES
+from decouple.stage_two.samplers import SAMPLERS
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
 class ExtractConfig:
-    """Everything ``decouple extract`` takes; stored as JSON in the feature file."""
+    """Everything ``decouple extract`` takes; stored as JSON in the feature file
+    (the split options flat beside the others). ``split.seed`` also seeds the
+    backbone's initialisation and the augmented views."""
 
     data: str
     backbone: str = "resnet32_cifar"
     source: str = "auto"
     pretrained: bool = False
     weights: Optional[str] = None
-    imbalance: Optional[float] = None
-    n_max: Optional[int] = None
-    val_per_class: int = 20
-    val_fraction: float = 0.1
-    min_val_per_class: int = 1
-    test_fraction: float = 0.2
-    seed: int = 0
+    split: SplitOptions = field(default_factory=SplitOptions)
     strict: bool = False
     check_images: bool = True
     img_size: Union[int, str] = "auto"
@@ -118,7 +131,7 @@ def output_paths(config: ExtractConfig) -> Dict[str, Path]:
     if config.out:
         out = Path(config.out)
     else:
-        run = config.run or default_run_name(config.data, config.backbone, config.imbalance)
+        run = config.run or default_run_name(config.data, config.backbone, config.split.imbalance)
         out = Path(config.features_dir) / f"{run}.h5"
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     manifest = out.with_name(f"{stem}.manifest.csv")
@@ -239,61 +252,21 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
     ``resume``). Under torchrun only rank 0 writes and logs.
     """
     started = time.perf_counter()
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {config.dtype!r}")
-    if config.views < 0:
-        raise ConfigError(f"--views must be >= 0; got {config.views}")
-    ft_config = config.finetune.resolved()
-    _check_names(config)
+    ft_config = _check_config(config)
     paths = output_paths(config)
     dist = init_distributed(config.device)
     say = log if dist.is_main else (lambda message: None)
     try:
         workers = default_workers(dist.device, dist.local_world_size) if ft_config.workers is None else ft_config.workers
-
-        def make_manifest() -> Manifest:
-            manifest = prepare_manifest(
-                config.data,
-                source=config.source,
-                imbalance=config.imbalance,
-                n_max=config.n_max,
-                val_per_class=config.val_per_class,
-                val_fraction=config.val_fraction,
-                min_val_per_class=config.min_val_per_class,
-                test_fraction=config.test_fraction,
-                seed=config.seed,
-                check_images=config.check_images,
-                strict=config.strict,
-            )
-            skipped = manifest.info.get("skipped_images", [])
-            if skipped:
-                listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
-                log(f"skipped {len(skipped)} unreadable image(s): {listing}")
-            return manifest
-
-        manifest = broadcast_from_main(dist, make_manifest)
+        manifest = broadcast_from_main(dist, lambda: _make_manifest(config, log))
         say(
             "data: "
             + ", ".join(f"{name} {len(items)}" for name, items in manifest.splits.items())
             + f" images, {manifest.num_classes} classes"
         )
-        seed_everything(config.seed, 0)
-        model, weights = create_backbone(
-            config.backbone,
-            num_classes=manifest.num_classes,
-            pretrained=config.pretrained,
-            weights=config.weights,
-        )
-        if weights.mode == "position" or weights.skipped:
-            say(
-                f"weights: {weights.matched}/{weights.total} tensors loaded by {weights.mode}"
-                + (f"; new {', '.join(weights.skipped)}" if weights.skipped else "")
-            )
-        img_size = resolve_img_size(
-            config.img_size, model, manifest, pretrained=config.pretrained or config.weights is not None
-        )
+        model, weights, img_size = _create_model(config, manifest, say)
         data_config = data_config_for(model, img_size)
-        history = []
+        history: List[EpochStats] = []
         if ft_config.epochs > 0:
             fingerprint = {
                 "backbone": config.backbone,
@@ -303,96 +276,20 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
                 "world_size": dist.world_size,
             }
             history = finetune(
-                model,
-                manifest,
-                ft_config,
-                data_config=data_config,
-                dist=dist,
-                checkpoint=paths["checkpoint"],
-                resume=config.resume,
-                fingerprint=fingerprint,
-                log=say,
+                model, manifest, ft_config, data_config=data_config, dist=dist, checkpoint=paths["checkpoint"],
+                resume=config.resume, fingerprint=fingerprint, log=say,
             )
         model.to(dist.device).eval()
         if dist.device.type == "cuda" and ft_config.channels_last:
             model.to(memory_format=torch.channels_last)
         dim = embedding_dim(model)
-        resolved = jsonable(asdict(config))
-        resolved["finetune"] = jsonable(asdict(ft_config))
-        resolved.update({"img_size": img_size, "world_size": dist.world_size, "workers": workers})
-        attrs = {
-            "weights_sha256": weights.sha256,
-            "weights": weights.as_dict(),
-            "model_sha256": state_dict_sha256(model.state_dict()),
-            "config": json.dumps(resolved, sort_keys=True, default=str),
-            "versions": json.dumps(package_versions(), sort_keys=True),
-            "manifest": json.dumps(_manifest_attr(manifest, paths["manifest"]), sort_keys=True, default=str),
-            "img_size": img_size,
-            "views": config.views,
-            "history": json.dumps([asdict(row) for row in history]),
-        }
-        eval_batch = config.eval_batch_size or 2 * ft_config.batch_size
-        eval_transform = make_transform(data_config, is_training=False)
-        writer_cm = (
-            FeatureWriter(
-                paths["out"],
-                class_names=manifest.class_names,
-                backbone=config.backbone,
-                attrs=attrs,
-                dtype=DTYPES[config.dtype],
-            )
-            if dist.is_main
-            else contextlib.nullcontext()
+        resolved = _resolved_config(config, ft_config, img_size=img_size, world_size=dist.world_size, workers=workers)
+        attrs = _feature_attrs(config, manifest, model, weights, history, resolved=resolved, manifest_path=paths["manifest"])
+        embed_rows = functools.partial(
+            embed_split, model, dist=dist, batch_size=config.eval_batch_size or 2 * ft_config.batch_size,
+            workers=workers, amp=ft_config.amp, channels_last=ft_config.channels_last,
         )
-        # A rerun replaces the previous run's feature file and manifest only
-        # once both new ones are complete: the features go to a temporary
-        # file the writer commits on exit, the manifest to one committed
-        # right after; a failure anywhere leaves the previous pair intact.
-        staged_manifest: Optional[Path] = None
-        try:
-            with writer_cm as writer:
-                for name, items in manifest.splits.items():
-                    if dist.is_main:
-                        writer.create_split(name, n=len(items), dim=dim)
-
-                    def write(start: int, block: np.ndarray, name: str = name, items: SplitItems = items) -> None:
-                        writer.write_rows(name, start, block, items.labels[start : start + len(block)])
-
-                    embed_split(
-                        model, items, eval_transform, dist=dist, batch_size=eval_batch, workers=workers,
-                        write=write, amp=ft_config.amp, channels_last=ft_config.channels_last,
-                    )
-                    say(f"embedded {name}: {len(items)} x {dim}")
-                if config.views:
-                    train = manifest.splits["train"]
-                    train_transform = make_transform(data_config, is_training=True)
-                    if dist.is_main:
-                        writer.create_views("train", n=len(train), views=config.views, dim=dim)
-                    for view in range(config.views):
-                        generator = seed_everything(config.seed, 2, view, dist.rank)
-
-                        def write_view(start: int, block: np.ndarray, view: int = view) -> None:
-                            writer.write_view_rows("train", view, start, block)
-
-                        embed_split(
-                            model, train, train_transform, dist=dist, batch_size=eval_batch, workers=workers,
-                            write=write_view, amp=ft_config.amp, channels_last=ft_config.channels_last,
-                            generator=generator,
-                        )
-                    say(f"embedded train views: {len(train)} x {config.views} x {dim}")
-                if dist.is_main:  # complete before the feature file's commit, removed if that fails
-                    staged_manifest = save_manifest(manifest, paths["manifest"], staged=True)
-            if staged_manifest is not None:
-                commit(staged_manifest, paths["manifest"])
-        except BaseException as exc:
-            if staged_manifest is not None:
-                staged_manifest.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and is_disk_full(exc):
-                raise DecoupleError(
-                    f"{paths['out']}: no space left on device while writing features; "
-                    f"the temporary file was removed"
-                ) from None
-            raise
+        _write_features(config, manifest, data_config, embed_rows, dim=dim, attrs=attrs, dist=dist, paths=paths, say=say)
         dist.barrier()
     finally:
         shutdown_distributed(dist)
@@ -412,12 +309,13 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
     )
 
 
-def _check_names(config: ExtractConfig) -> None:
-    """Fail on a bad name or file before any data is read."""
-    from decouple.stage_one.backbones import check_backbone
-    from decouple.stage_two.losses import LOSSES
-    from decouple.stage_two.samplers import SAMPLERS
-
+def _check_config(config: ExtractConfig) -> FinetuneConfig:
+    """Fail on a bad option, name or file before any data is read; the resolved fine-tune options."""
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {config.dtype!r}")
+    if config.views < 0:
+        raise ConfigError(f"--views must be >= 0; got {config.views}")
+    ft_config = config.finetune.resolved()
     check_backbone(config.backbone)
     LOSSES.check(config.finetune.loss, where="--loss")
     SAMPLERS.check(config.finetune.sampler, where="--sampler")
@@ -425,3 +323,143 @@ def _check_names(config: ExtractConfig) -> None:
         raise ConfigError("--pretrained and --weights exclude each other; pass one")
     if config.weights is not None and not Path(config.weights).is_file():
         raise DecoupleError(f"--weights {config.weights}: no such file")
+    return ft_config
+
+
+def _make_manifest(config: ExtractConfig, log: Callable[[str], None]) -> Manifest:
+    """The run's splits (rank 0 builds them); unreadable images skipped and listed."""
+    manifest = prepare_manifest(
+        config.data, config.split, source=config.source, check_images=config.check_images, strict=config.strict
+    )
+    skipped = manifest.info.get("skipped_images", [])
+    if skipped:
+        listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
+        log(f"skipped {len(skipped)} unreadable image(s): {listing}")
+    return manifest
+
+
+def _create_model(
+    config: ExtractConfig, manifest: Manifest, say: Callable[[str], None]
+) -> Tuple[nn.Module, WeightsReport, int]:
+    """The seeded backbone with its weights, and the input size it will see."""
+    seed_everything(config.split.seed, 0)
+    model, weights = create_backbone(
+        config.backbone, num_classes=manifest.num_classes, pretrained=config.pretrained, weights=config.weights
+    )
+    if weights.mode == "position" or weights.skipped:
+        say(
+            f"weights: {weights.matched}/{weights.total} tensors loaded by {weights.mode}"
+            + (f"; new {', '.join(weights.skipped)}" if weights.skipped else "")
+        )
+    pretrained = config.pretrained or config.weights is not None
+    return model, weights, resolve_img_size(config.img_size, model, manifest, pretrained=pretrained)
+
+
+def _resolved_config(config: ExtractConfig, ft_config: FinetuneConfig, **run: Any) -> Dict[str, Any]:
+    """The config as stored in the feature file: split options flat, fine-tune options resolved."""
+    resolved = jsonable(asdict(config))
+    resolved.update(resolved.pop("split"))
+    resolved["finetune"] = jsonable(asdict(ft_config))
+    resolved.update(run)
+    return resolved
+
+
+def _feature_attrs(
+    config: ExtractConfig, manifest: Manifest, model: nn.Module, weights: WeightsReport, history: List[EpochStats],
+    *, resolved: Dict[str, Any], manifest_path: Path,
+) -> Dict[str, Any]:
+    """Provenance stored on the feature file: weights, config, versions, manifest, history."""
+    return {
+        "weights_sha256": weights.sha256,
+        "weights": weights.as_dict(),
+        "model_sha256": state_dict_sha256(model.state_dict()),
+        "config": json.dumps(resolved, sort_keys=True, default=str),
+        "versions": json.dumps(package_versions(), sort_keys=True),
+        "manifest": json.dumps(_manifest_attr(manifest, manifest_path), sort_keys=True, default=str),
+        "img_size": resolved["img_size"],
+        "views": config.views,
+        "history": json.dumps([asdict(row) for row in history]),
+    }
+
+
+def _write_features(
+    config: ExtractConfig,
+    manifest: Manifest,
+    data_config: Dict[str, Any],
+    embed_rows: Callable[..., None],
+    *,
+    dim: int,
+    attrs: Dict[str, Any],
+    dist: DistInfo,
+    paths: Dict[str, Path],
+    say: Callable[[str], None],
+) -> None:
+    """Embed every split (and the views) into the feature file; rank 0 writes.
+
+    A rerun replaces the previous run's feature file and manifest only once
+    both new ones are complete: the features go to a temporary file the
+    writer commits on exit, the manifest to one committed right after; a
+    failure anywhere leaves the previous pair intact.
+    """
+    eval_transform = make_transform(data_config, is_training=False)
+    writer_cm = (
+        FeatureWriter(
+            paths["out"], class_names=manifest.class_names, backbone=config.backbone, attrs=attrs,
+            dtype=DTYPES[config.dtype],
+        )
+        if dist.is_main
+        else contextlib.nullcontext()
+    )
+    staged_manifest: Optional[Path] = None
+    try:
+        with writer_cm as writer:
+            _embed_splits(writer, manifest, eval_transform, embed_rows, dim=dim, dist=dist, say=say)
+            if config.views:
+                train_transform = make_transform(data_config, is_training=True)
+                _embed_views(writer, manifest.splits["train"], train_transform, embed_rows, config=config, dim=dim, dist=dist, say=say)
+            if dist.is_main:  # complete before the feature file's commit, removed if that fails
+                staged_manifest = save_manifest(manifest, paths["manifest"], staged=True)
+        if staged_manifest is not None:
+            commit(staged_manifest, paths["manifest"])
+    except BaseException as exc:
+        if staged_manifest is not None:
+            staged_manifest.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise DecoupleError(
+                f"{paths['out']}: no space left on device while writing features; "
+                f"the temporary file was removed"
+            ) from None
+        raise
+
+
+def _embed_splits(
+    writer: Optional[FeatureWriter], manifest: Manifest, transform: Callable, embed_rows: Callable[..., None],
+    *, dim: int, dist: DistInfo, say: Callable[[str], None],
+) -> None:
+    """/<split>/features and labels of every split, in manifest order."""
+    for name, items in manifest.splits.items():
+        if dist.is_main:
+            writer.create_split(name, n=len(items), dim=dim)
+
+        def write(start: int, block: np.ndarray, name: str = name, items: SplitItems = items) -> None:
+            writer.write_rows(name, start, block, items.labels[start : start + len(block)])
+
+        embed_rows(items, transform, write=write)
+        say(f"embedded {name}: {len(items)} x {dim}")
+
+
+def _embed_views(
+    writer: Optional[FeatureWriter], train: SplitItems, transform: Callable, embed_rows: Callable[..., None],
+    *, config: ExtractConfig, dim: int, dist: DistInfo, say: Callable[[str], None],
+) -> None:
+    """/train/views (N, K, D): K embeddings of each training image under the training augmentation."""
+    if dist.is_main:
+        writer.create_views("train", n=len(train), views=config.views, dim=dim)
+    for view in range(config.views):
+        generator = seed_everything(config.split.seed, 2, view, dist.rank)
+
+        def write_view(start: int, block: np.ndarray, view: int = view) -> None:
+            writer.write_view_rows("train", view, start, block)
+
+        embed_rows(train, transform, write=write_view, generator=generator)
+    say(f"embedded train views: {len(train)} x {config.views} x {dim}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,97 +29,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torchvision.transforms as T
+from timm.data import create_transform, resolve_data_config
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from tqdm.auto import tqdm
 
 from decouple.atomic import atomic_path
-from decouple.stage_one.data import ImageDataset, Manifest
 from decouple.errors import ConfigError, DecoupleError
 from decouple.provenance import jsonable
 from decouple.registry import Registry
+from decouple.stage_one.distributed import DistInfo, default_workers
+from decouple.stage_one.images import ImageDataset
+from decouple.stage_one.manifest import Manifest
+from decouple.stage_two.losses import create_loss, family_settings
+from decouple.stage_two.samplers import DistributedClassSampler, create_sampler
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("lr schedule")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    """Where this process runs: rank, world size, local rank, device."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
-def resolve_device(device: str = "auto", *, local_rank: int = 0) -> torch.device:
-    """``auto`` is CUDA (this process's local GPU) when present, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible to this process")
-        return torch.device("cuda", local_rank)
-    if device == "cpu" or device.startswith("cuda:"):
-        return torch.device(device)
-    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (or run alone)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    resolved = resolve_device(device, local_rank=local_rank)
-    info = DistInfo(rank, world_size, local_rank, local_world, resolved)
-    if world_size > 1:
-        if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
-        if not torch.distributed.is_initialized():
-            backend = "nccl" if resolved.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-            info.initialized_here = True
-    return info
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    if info.initialized_here and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def broadcast_from_main(info: DistInfo, make: Callable[[], Any]) -> Any:
-    """Run ``make`` on rank 0 and hand its result (or its DecoupleError) to every rank."""
-    if not info.distributed:
-        return make()
-    payload: List[Any] = [None]
-    if info.is_main:
-        try:
-            payload[0] = ("ok", make())
-        except DecoupleError as exc:
-            payload[0] = ("error", exc)
-    torch.distributed.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
-    if status == "error":
-        raise value
-    return value
 
 
 # --------------------------------------------------------------------------- optimizers and schedules
@@ -129,13 +56,14 @@ def broadcast_from_main(info: DistInfo, make: Callable[[], Any]) -> Any:
 @OPTIMIZERS.register("sgd")
 def sgd(params, *, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    name = "sgd" if momentum > 0 else "momentum"  # timm's "sgd" is Nesterov, which needs momentum
+    return create_optimizer_v2(params, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params, *, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter, ICLR 2019); ``momentum`` is beta1."""
-    return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    return create_optimizer_v2(params, "adamw", lr=lr, weight_decay=weight_decay, betas=(momentum, 0.999))
 
 
 # Defaults that suit each optimizer when the user sets none.
@@ -164,7 +92,11 @@ def lr_multiplier(
     milestones: Sequence[int],
     decay: float,
 ) -> float:
-    """Learning-rate factor at optimizer update ``step``: linear warmup, then the schedule."""
+    """Learning-rate factor at optimizer update ``step``: linear warmup, then the schedule.
+
+    Kept by hand: timm's and torch's warmup and cosine schedulers round the
+    rate differently in the last bits, so runs and resumed checkpoints would
+    no longer match earlier ones."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
@@ -205,8 +137,6 @@ class FinetuneConfig:
         filled in and names checked. timm's classifier is a linear layer, so
         the loss takes the settings the linear heads of stage two take
         (LDAM's s = 1; :func:`decouple.stage_two.losses.family_settings`)."""
-        from decouple.stage_two.losses import family_settings
-
         OPTIMIZERS.check(self.optimizer, where="--optimizer")
         SCHEDULES.check(self.schedule, where="--schedule")
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
@@ -227,13 +157,6 @@ class FinetuneConfig:
         return FinetuneConfig(**values)
 
 
-def default_workers(device: torch.device, local_world_size: int = 1) -> int:
-    """Loader processes: none on the CPU (decoding competes with compute), else up to 8 per GPU."""
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) // max(local_world_size, 1)))
-
-
 # --------------------------------------------------------------------------- transforms
 
 
@@ -241,9 +164,6 @@ def make_transform(data_config: Dict[str, Any], *, is_training: bool) -> Callabl
     """timm's transforms at the configured input size; pad-and-crop for inputs
     of 64 pixels or less (the CIFAR recipe of He et al. 2016: 4-pixel padding
     at 32 px, random crop, horizontal flip)."""
-    import torchvision.transforms as T
-    from timm.data import create_transform
-
     size = int(data_config["input_size"][-1])
     if size <= 64:
         normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
@@ -264,8 +184,6 @@ def make_transform(data_config: Dict[str, Any], *, is_training: bool) -> Callabl
 
 def data_config_for(model: nn.Module, img_size: int) -> Dict[str, Any]:
     """timm's data config (mean, std, interpolation, crop) at ``img_size``."""
-    from timm.data import resolve_data_config
-
     config = resolve_data_config({}, model=model)
     config["input_size"] = (3, int(img_size), int(img_size))
     if img_size <= 64:
@@ -335,8 +253,221 @@ class EpochStats:
     seconds: float
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+def run_fingerprint(config: FinetuneConfig, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: ``extra`` and
+    every option that changes the trajectory."""
+    fingerprint = dict(extra or {})
+    fingerprint.update({key: value for key, value in asdict(config).items() if key not in ("workers", "progress")})
+    return jsonable(fingerprint)
+
+
+def build_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """The configured optimizer; no weight decay on biases and norm weights (timm's
+    parameter groups, without the model's own ``no_weight_decay`` list, as before)."""
+    params = param_groups_weight_decay(model, config.weight_decay)
+    return OPTIMIZERS.get(config.optimizer)(
+        params, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, *, updates_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup (capped at half the run) then the schedule, stepped per optimizer update."""
+    total_updates = updates_per_epoch * config.epochs
+    warmup = min(int(round(config.warmup_epochs * updates_per_epoch)), total_updates // 2)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step,
+            schedule=config.schedule,
+            total_steps=total_updates,
+            warmup_steps=warmup,
+            steps_per_epoch=updates_per_epoch,
+            milestones=config.lr_steps,
+            decay=config.lr_decay,
+        ),
+    )
+
+
+@dataclass
+class _Loop:
+    """What one fine-tune run trains with."""
+
+    config: FinetuneConfig
+    dist: DistInfo
+    model: nn.Module  # the bare model, whose state the checkpoint holds
+    train_model: nn.Module  # the model, DDP-wrapped when distributed
+    dataset: ImageDataset
+    sampler: Any
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    workers: int
+    fingerprint: Dict[str, Any]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.dist.device.type == "cuda"
+
+    @property
+    def per_rank(self) -> int:
+        return len(self.sampler)
+
+    def autocast(self):
+        """bf16 autocast on CUDA when ``amp``; else nothing."""
+        if self.on_cuda and self.config.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.on_cuda and self.config.channels_last else torch.contiguous_format
+
+
+def _build_loop(
+    model: nn.Module, manifest: Manifest, config: FinetuneConfig, data_config: Dict[str, Any],
+    dist: DistInfo, fingerprint: Dict[str, Any],
+) -> _Loop:
+    """Sampler, loss, data, optimizer and schedule for ``model`` on ``manifest``'s train split."""
+    device = dist.device
+    train = manifest.splits["train"]
+    sampler = create_sampler(config.sampler, train.labels, total_epochs=config.epochs, seed=config.seed, **config.sampler_params)
+    loss_fn = create_loss(config.loss, class_counts=manifest.counts("train"), **config.loss_params).to(device)
+    if dist.distributed:
+        sampler = DistributedClassSampler(sampler, num_replicas=dist.world_size, rank=dist.rank)
+    workers = default_workers(device, dist.local_world_size) if config.workers is None else config.workers
+    dataset = ImageDataset(train, make_transform(data_config, is_training=True))
+    batches_per_epoch = len(sampler) // config.batch_size if len(sampler) >= config.batch_size else 1
+    model.to(device)
+    if device.type == "cuda" and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, updates_per_epoch=math.ceil(batches_per_epoch / config.accumulate))
+    return _Loop(config, dist, model, model, dataset, sampler, loss_fn, optimizer, scheduler, workers, fingerprint)
+
+
+def _resume(loop: _Loop, checkpoint: Optional[Path], resume: bool, log: Callable[[str], None]) -> Tuple[int, List[EpochStats]]:
+    """(first epoch to run, history so far): from the checkpoint when resuming and there is one."""
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, loop.fingerprint)
+        loop.model.load_state_dict(state["model"])
+        loop.optimizer.load_state_dict(state["optimizer"])
+        loop.scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        if loop.dist.is_main:
+            log(f"resumed from {checkpoint} after epoch {start_epoch}/{loop.config.epochs}")
+        return start_epoch, [EpochStats(**row) for row in state.get("history", [])]
+    if resume and loop.dist.is_main:
+        log(f"no checkpoint at {checkpoint}; starting from epoch 1")
+    return 0, []
+
+
+def _epoch_loader(loop: _Loop, epoch: int) -> torch.utils.data.DataLoader:
+    """This epoch's loader; sampler, loss and every random generator re-seeded from (seed, epoch, rank)."""
+    config = loop.config
+    generator = seed_everything(config.seed, 1, epoch, loop.dist.rank)
+    loop.sampler.set_epoch(epoch)
+    loop.loss_fn.set_epoch(epoch, config.epochs)
+    return torch.utils.data.DataLoader(
+        loop.dataset,
+        batch_size=config.batch_size,
+        sampler=loop.sampler,
+        num_workers=loop.workers,
+        pin_memory=loop.on_cuda,
+        drop_last=loop.per_rank >= config.batch_size,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def _train_batch(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, *, index: int, batches: int) -> torch.Tensor:
+    """Forward and backward of batch ``index``; an optimizer update (and a
+    gradient all-reduce) at the end of each group of ``accumulate`` batches."""
+    accumulate = loop.config.accumulate
+    images = images.to(loop.dist.device, non_blocking=True, memory_format=loop.memory_format)
+    labels = labels.to(loop.dist.device, non_blocking=True)
+    group_end = (index + 1) % accumulate == 0 or index + 1 == batches
+    group_size = min(accumulate, batches - (index - index % accumulate))
+    sync = contextlib.nullcontext() if group_end or not loop.dist.distributed else loop.train_model.no_sync()
+    with sync:
+        with loop.autocast():
+            logits = loop.train_model(images)
+        loss = loop.loss_fn(logits.float(), labels)
+        (loss / group_size).backward()
+    if group_end:
+        loop.optimizer.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scheduler.step()
+    return loss
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> EpochStats:
+    """One pass over the sampler, an optimizer update every ``accumulate`` batches."""
+    config, dist = loop.config, loop.dist
+    device = dist.device
+    loader = _epoch_loader(loop, epoch)
+    loop.train_model.train()
+    bar = tqdm(
+        total=len(loader),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not (dist.is_main and config.progress),
+        leave=False,
+        mininterval=0.5,
+    )
+    epoch_lr = float(loop.optimizer.param_groups[0]["lr"])
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    started = time.perf_counter()
+    loop.optimizer.zero_grad(set_to_none=True)
+    batches = len(loader)
+    for index, (images, labels) in enumerate(loader):
+        loss = _train_batch(loop, images, labels, index=index, batches=batches)
+        loss_sum += loss.detach() * len(labels)
+        seen += len(labels)
+        if bar.disable is False and (index % 10 == 0 or index + 1 == batches):
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.4f}",
+                img_s=f"{seen * dist.world_size / max(elapsed, 1e-9):.0f}",
+                refresh=False,
+            )
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    mean_loss = float(loss_sum.item() / max(seen, 1))
+    if not math.isfinite(mean_loss):
+        raise ConfigError(f"--lr {config.lr:g}: training loss became {mean_loss} in epoch {epoch + 1}; lower --lr")
+    return EpochStats(
+        epoch=epoch + 1,
+        loss=mean_loss,
+        images_per_second=seen * dist.world_size / max(elapsed, 1e-9),
+        lr=epoch_lr,
+        seconds=elapsed,
+    )
+
+
+def _report_epoch(loop: _Loop, history: List[EpochStats], checkpoint: Optional[Path], log: Callable[[str], None]) -> None:
+    """Log the epoch and save the checkpoint (rank 0); every rank waits for it."""
+    stats = history[-1]
+    if loop.dist.is_main:
+        log(
+            f"epoch {stats.epoch}/{loop.config.epochs}: loss {stats.loss:.4f}, "
+            f"{stats.images_per_second:.0f} img/s, lr {stats.lr:.3g}"
+        )
+        if checkpoint is not None:
+            save_checkpoint(
+                {
+                    "epoch": stats.epoch,
+                    "model": loop.model.state_dict(),
+                    "optimizer": loop.optimizer.state_dict(),
+                    "scheduler": loop.scheduler.state_dict(),
+                    "fingerprint": loop.fingerprint,
+                    "history": [asdict(row) for row in history],
+                },
+                checkpoint,
+            )
+    loop.dist.barrier()
 
 
 def finetune(
@@ -355,166 +486,16 @@ def finetune(
 
     The model ends on ``dist.device`` in eval mode, unwrapped from DDP.
     """
-    from tqdm.auto import tqdm
-
-    from decouple.stage_two.losses import create_loss
-    from decouple.stage_two.samplers import DistributedClassSampler, create_sampler
-
     config = config.resolved()
     dist = dist or DistInfo()
-    device = dist.device
-    on_cuda = device.type == "cuda"
-    fingerprint = dict(fingerprint or {})
-    fingerprint.update(
-        {key: value for key, value in asdict(config).items() if key not in ("workers", "progress")}
-    )
-    fingerprint = jsonable(fingerprint)
-    train = manifest.splits["train"]
-    counts = manifest.counts("train")
-
-    sampler = create_sampler(config.sampler, train.labels, total_epochs=config.epochs, seed=config.seed, **config.sampler_params)
-    loss_fn = create_loss(config.loss, class_counts=counts, **config.loss_params).to(device)
+    loop = _build_loop(model, manifest, config, data_config, dist, run_fingerprint(config, fingerprint))
+    start_epoch, history = _resume(loop, checkpoint, resume, log)
     if dist.distributed:
-        sampler = DistributedClassSampler(sampler, num_replicas=dist.world_size, rank=dist.rank)
-    workers = default_workers(device, dist.local_world_size) if config.workers is None else config.workers
-    dataset = ImageDataset(train, make_transform(data_config, is_training=True))
-    per_rank = len(sampler)
-    steps_per_epoch_batches = per_rank // config.batch_size if per_rank >= config.batch_size else 1
-    updates_per_epoch = math.ceil(steps_per_epoch_batches / config.accumulate)
-    total_updates = updates_per_epoch * config.epochs
-    warmup = min(int(round(config.warmup_epochs * updates_per_epoch)), total_updates // 2)
-
-    model.to(device)
-    if on_cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    from timm.optim import param_groups_weight_decay
-
-    params = param_groups_weight_decay(model, config.weight_decay)
-    optimizer = OPTIMIZERS.get(config.optimizer)(
-        params, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(
-            step,
-            schedule=config.schedule,
-            total_steps=total_updates,
-            warmup_steps=warmup,
-            steps_per_epoch=updates_per_epoch,
-            milestones=config.lr_steps,
-            decay=config.lr_decay,
-        ),
-    )
-    start_epoch, history = 0, []
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, fingerprint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        history = [EpochStats(**row) for row in state.get("history", [])]
-        if dist.is_main:
-            log(f"resumed from {checkpoint} after epoch {start_epoch}/{config.epochs}")
-    elif resume and dist.is_main:
-        log(f"no checkpoint at {checkpoint}; starting from epoch 1")
-
-    train_model: nn.Module = model
-    if dist.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if on_cuda and config.amp
-        else contextlib.nullcontext
-    )
-    memory_format = torch.channels_last if on_cuda and config.channels_last else torch.contiguous_format
-
+        device_ids = [dist.device.index] if loop.on_cuda else None
+        loop.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     for epoch in range(start_epoch, config.epochs):
-        generator = seed_everything(config.seed, 1, epoch, dist.rank)
-        sampler.set_epoch(epoch)
-        loss_fn.set_epoch(epoch, config.epochs)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=on_cuda,
-            drop_last=per_rank >= config.batch_size,
-            generator=generator,
-            persistent_workers=False,
-        )
-        train_model.train()
-        bar = tqdm(
-            total=len(loader),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (dist.is_main and config.progress),
-            leave=False,
-            mininterval=0.5,
-        )
-        epoch_lr = float(optimizer.param_groups[0]["lr"])
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        batches = len(loader)
-        for index, (images, labels) in enumerate(loader):
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            group_end = (index + 1) % config.accumulate == 0 or index + 1 == batches
-            group_start = index - index % config.accumulate
-            group_size = min(config.accumulate, batches - group_start)
-            sync = contextlib.nullcontext() if group_end or not dist.distributed else train_model.no_sync()
-            with sync:
-                with autocast():
-                    logits = train_model(images)
-                loss = loss_fn(logits.float(), labels)
-                (loss / group_size).backward()
-            if group_end:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            loss_sum += loss.detach() * len(labels)
-            seen += len(labels)
-            if bar.disable is False and (index % 10 == 0 or index + 1 == batches):
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.4f}",
-                    img_s=f"{seen * dist.world_size / max(elapsed, 1e-9):.0f}",
-                    refresh=False,
-                )
-            bar.update(1)
-        bar.close()
-        elapsed = time.perf_counter() - started
-        mean_loss = float(loss_sum.item() / max(seen, 1))
-        if not math.isfinite(mean_loss):
-            raise ConfigError(
-                f"--lr {config.lr:g}: training loss became {mean_loss} in epoch {epoch + 1}; lower --lr"
-            )
-        stats = EpochStats(
-            epoch=epoch + 1,
-            loss=mean_loss,
-            images_per_second=seen * dist.world_size / max(elapsed, 1e-9),
-            lr=epoch_lr,
-            seconds=elapsed,
-        )
-        history.append(stats)
-        if dist.is_main:
-            log(
-                f"epoch {stats.epoch}/{config.epochs}: loss {stats.loss:.4f}, "
-                f"{stats.images_per_second:.0f} img/s, lr {stats.lr:.3g}"
-            )
-            if checkpoint is not None:
-                save_checkpoint(
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "fingerprint": fingerprint,
-                        "history": [asdict(row) for row in history],
-                    },
-                    checkpoint,
-                )
-        dist.barrier()
+        history.append(_train_epoch(loop, epoch))
+        _report_epoch(loop, history, checkpoint, log)
     if dist.distributed:
         # BatchNorm running statistics last moved with each rank's own batch;
         # every rank embeds with rank 0's so shards agree with the checkpoint.

@@ -8,17 +8,20 @@ attributes end in ``_``. ``X`` is (N, D) float features, ``y`` (N,) int labels.
 Two kinds of head:
 
 * **trainable** (``trainable = True``: linear, cosine, tau_norm, lws) are
-  trained by gradient descent with a long-tailed loss and a re-sampler.
-  Their weights come from the fused trainer of :mod:`decouple.stage_two.fit`,
-  which :func:`decouple.stage_two.fit.fit_cells` shares between heads: tau_norm
-  and lws start from the linear head trained with the same loss, sampler and
-  seed.
+  trained by gradient descent with a long-tailed loss and a re-sampler, by
+  the fused trainer of :mod:`decouple.stage_two.trainer`. A trainable head
+  declares what that trainer needs: its :class:`WeightFamily` (parameters,
+  inputs and logit function; :meth:`TrainableHead.weight_family`), the key
+  under which heads share one fused pass (:meth:`TrainableHead.family_key`)
+  and its post-fit step (:meth:`TrainableHead.finish`). tau_norm and lws
+  are post-fit steps on the linear family's weights, so
+  :func:`decouple.stage_two.fit.fit_cells` trains those once for all three.
 * **training-free** (ncm, knn) take no loss or sampler and search a FAISS
   index (on the GPU when FAISS sees one).
 
 Gradient heads work in the standardised feature space of
-:class:`decouple.stage_two.fit.PreparedData` (every feature centred and scaled
-to the same spread with train statistics, row RMS norm 10) and expose
+:class:`decouple.stage_two.trainer.PreparedData` (every feature centred and
+scaled to the same spread with train statistics, row RMS norm 10) and expose
 ``coef_`` (C, D) and ``intercept_`` (C,) in the original feature space where
 the head is linear in the features (``mean_`` and ``scale_`` hold the
 standardisation).
@@ -26,12 +29,28 @@ standardisation).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import faiss
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from decouple.errors import ConfigError
 from decouple.registry import Registry
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.losses import LOSSES, STAGE_ONE, create_loss, family_settings
+from decouple.stage_two.samplers import SAMPLERS, create_sampler
+from decouple.stage_two.trainer import (
+    FEATURE_NORM,
+    PreparedData,
+    TrainedWeights,
+    WeightFamily,
+    head_block,
+    mean_class_score,
+    train_heads,
+)
 
 HEADS = Registry("head")
 register_head = HEADS.register
@@ -48,6 +67,18 @@ def create_head(name: str, **params: Any) -> "Head":
 def list_heads() -> List[Tuple[str, str]]:
     """(name, one-line description) of every registered head."""
     return HEADS.describe()
+
+
+def head_families() -> Dict[str, Tuple[str, ...]]:
+    """Each logit family (losses.LOGIT_FAMILIES) with the trainable heads in
+    it, in registry order; stage one's classifier is linear."""
+    families: Dict[str, Tuple[str, ...]] = {}
+    for name in HEADS:
+        head_class = HEADS.get(name)
+        if head_class.trainable:
+            families[head_class.family] = families.get(head_class.family, ()) + (name,)
+    families["linear"] = families.get("linear", ()) + (STAGE_ONE,)
+    return families
 
 
 def _as_float32(X: Any) -> np.ndarray:
@@ -99,35 +130,124 @@ def _plain(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# Weight families: what the fused trainer trains for each kind of head.
+# ---------------------------------------------------------------------------
+
+
+class LinearFamily(WeightFamily):
+    """logits = x W^T + b on the standardised features; W (K * C, D) starts
+    near zero (uniform logits), b at zero. The penalty weight_decay / 2 *
+    ||W||^2 applies to W only."""
+
+    def parameters(self, num_heads, num_classes, dim, *, generator, device, train):
+        initial = torch.randn(num_classes, dim, generator=generator).mul_(0.01 / FEATURE_NORM)
+        weight = initial.repeat(num_heads, 1).to(device).requires_grad_(True)
+        bias = torch.zeros(num_heads * num_classes, device=device, requires_grad=True)
+        groups = [{"params": [weight], "weight_decay": train.weight_decay}, {"params": [bias], "weight_decay": 0.0}]
+        return {"weight": weight, "bias": bias}, groups
+
+    def logits(self, x, params, dtype):
+        if dtype != torch.float32:
+            return F.linear(x, params["weight"].to(dtype)).float() + params["bias"]
+        return F.linear(x, params["weight"], params["bias"])
+
+
+class CosineFamily(WeightFamily):
+    """logits = s_k * cos(x, w_c) on the standardised features scaled to unit
+    norm, no bias; W starts as unit rows (their norm sets the step size of
+    their direction) and has no penalty (the logits do not depend on its
+    norm). ``logit_scales``: s_k of each head."""
+
+    def __init__(self, logit_scales: Sequence[float]) -> None:
+        self.logit_scales = [float(scale) for scale in logit_scales]
+
+    def inputs(self, data, split):
+        return data.normalized(split)
+
+    def parameters(self, num_heads, num_classes, dim, *, generator, device, train):
+        initial = F.normalize(torch.randn(num_classes, dim, generator=generator), dim=1)
+        weight = initial.repeat(num_heads, 1).to(device).requires_grad_(True)
+        self._scales = torch.tensor(self.logit_scales, dtype=torch.float32, device=device).repeat_interleave(
+            num_classes
+        )
+        return {"weight": weight}, [{"params": [weight], "weight_decay": 0.0}]
+
+    def logits(self, x, params, dtype):
+        directions = F.normalize(params["weight"], dim=1)
+        if dtype != torch.float32:
+            return F.linear(x, directions.to(dtype)).float() * self._scales
+        return F.linear(x, directions) * self._scales
+
+    def head_params(self, params, k, num_heads):
+        kept = super().head_params(params, k, num_heads)
+        # The scale as the logits saw it (float32).
+        return {"weight": F.normalize(kept["weight"], dim=1), "logit_scale": float(head_block(self._scales, k, num_heads)[0])}
+
+
+class ScaledLogitsFamily(WeightFamily):
+    """LWS's logits s_c * z_c + b_c on the frozen logits z = x W^T of a
+    trained linear head (one head: K = 1); s starts at 1, b at the trained
+    bias, which is learned too when ``learn_bias``. No penalty."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, *, learn_bias: bool) -> None:
+        self.weight, self.bias, self.learn_bias = weight, bias, bool(learn_bias)
+
+    @torch.no_grad()
+    def inputs(self, data, split):
+        x = data.x if split == "train" else data.x_val
+        return None if x is None else x @ self.weight.t()  # (N, C)
+
+    def parameters(self, num_heads, num_classes, dim, *, generator, device, train):
+        scales = torch.ones(num_classes, device=device, requires_grad=True)
+        bias = self.bias.detach().clone().requires_grad_(self.learn_bias)
+        trained = [scales] + ([bias] if self.learn_bias else [])
+        return {"scales": scales, "bias": bias}, [{"params": trained, "weight_decay": 0.0}]
+
+    def logits(self, x, params, dtype):
+        return x * params["scales"] + params["bias"]
+
+    def macs_per_step(self, rows, dim, num_heads, num_classes):
+        return rows * num_classes
+
+
+# ---------------------------------------------------------------------------
 # Trainable heads.
 # ---------------------------------------------------------------------------
 
 
 class TrainableHead(Head):
-    """A head trained by the fused trainer of :mod:`decouple.stage_two.fit`."""
+    """A head trained by the fused trainer of :mod:`decouple.stage_two.trainer`.
+
+    A subclass declares what the trainer needs and nothing else:
+    :meth:`weight_family` (what is trained), :meth:`family_key` (heads with
+    equal keys share one fused pass) and :meth:`finish` (the post-fit step
+    from the trained parameters to ``coef_``, ``tau_``, ...). Registering
+    it with ``@register_head`` is all it takes to sweep it.
+    """
 
     trainable = True
-    #: Which weights it trains: "linear" (x W + b) or "cosine".
+    #: Which losses' settings apply to its logits (losses.LOGIT_FAMILIES):
+    #: "linear" (W x + b) or "cosine" (cos(x, w) in [-1, 1]).
     family: str = "linear"
 
     # -- what the fused trainer needs to know ------------------------------
 
-    def weight_family(self) -> Tuple:
-        """Key of the weights this head trains; heads with equal keys can fuse."""
+    def family_key(self) -> Tuple:
+        """Heads with equal keys are trained in one fused pass (and share the
+        weights of equal losses)."""
         return (self.family,)
+
+    def weight_family(self, losses: Sequence[Any]) -> WeightFamily:
+        """The :class:`WeightFamily` that trains this head's weights, one
+        head per loss module of ``losses``."""
+        return LinearFamily()
 
     def training_loss_params(self, loss: str, given: Mapping[str, Any]) -> Dict[str, Any]:
         """Loss settings used to train the weights: ``given`` over the loss's
         defaults for this head's family and for a head on fixed features
         (LDAM's scale s and re-weighting start, see
         :func:`decouple.stage_two.losses.family_settings`)."""
-        from decouple.stage_two.losses import family_settings
-
         return family_settings(loss, self.family, dict(given), fixed_features=True)
-
-    def training_logit_scale(self, loss_module: Any) -> float:
-        """Logit scale of the cosine family for this loss (1 for linear heads)."""
-        return 1.0
 
     def check_settings(
         self,
@@ -136,12 +256,9 @@ class TrainableHead(Head):
         settings: Mapping[str, Mapping[str, Any]],
         *,
         class_counts: np.ndarray,
-        train: Any,
+        train: TrainConfig,
     ) -> None:
         """Build the loss and sampler once so bad settings fail before training."""
-        from decouple.stage_two.losses import create_loss
-        from decouple.stage_two.samplers import create_sampler
-
         labels = np.repeat(np.arange(len(class_counts)), class_counts)
         create_loss(loss, class_counts=class_counts, **self.training_loss_params(loss, settings["loss"]))
         create_sampler(sampler, labels, total_epochs=train.epochs_for(len(labels)), **settings["sampler"])
@@ -160,15 +277,11 @@ class TrainableHead(Head):
         loss_params: Optional[Mapping[str, Any]] = None,
         sampler_params: Optional[Mapping[str, Any]] = None,
         seed: int = 0,
-        train: Any = None,
+        train: Optional[TrainConfig] = None,
         num_classes: Optional[int] = None,
     ) -> "TrainableHead":
         """Train on ``X`` (N, D), ``y`` (N,) with ``loss`` and ``sampler``;
         the epoch (and tau) are chosen on ``X_val``, ``y_val`` when given."""
-        from decouple.stage_two.losses import create_loss
-        from decouple.stage_two.samplers import create_sampler
-        from decouple.stage_two.fit import PreparedData, TrainConfig, train_heads
-
         train = (train or TrainConfig()).validated().for_rows(len(y))
         loss_params = dict(loss_params or {})
         sampler_params = dict(sampler_params or {})
@@ -187,41 +300,28 @@ class TrainableHead(Head):
             sampler, np.asarray(y), total_epochs=train.epochs, seed=seed, **sampler_params
         )
         trained = train_heads(
-            data,
-            [loss_module],
-            sampler=sampler_object,
-            family=self.family,
-            logit_scales=[self.training_logit_scale(loss_module)],
-            seed=seed,
+            data, [loss_module], sampler=sampler_object, family=self.weight_family([loss_module]), seed=seed,
             train=train,
         )[0]
         return self.fit_from_weights(
-            trained,
-            data,
-            loss=loss,
-            sampler=sampler,
-            loss_params=loss_params,
-            sampler_params=sampler_params,
-            seed=seed,
-            train=train,
+            trained, data, loss=loss, sampler=sampler, loss_params=loss_params, sampler_params=sampler_params,
+            seed=seed, train=train,
         )
 
     def fit_from_weights(
         self,
-        trained: Any,
-        data: Any,
+        trained: TrainedWeights,
+        data: PreparedData,
         *,
         loss: str,
         sampler: str,
         loss_params: Mapping[str, Any],
         sampler_params: Mapping[str, Any],
         seed: int,
-        train: Any,
+        train: TrainConfig,
     ) -> "TrainableHead":
-        """Finish fitting from weights the fused trainer produced (a TrainedWeights)."""
-        from decouple.stage_two.losses import LOSSES
-        from decouple.stage_two.samplers import SAMPLERS
-
+        """Finish fitting from parameters the fused trainer produced: record
+        the settings and the epoch chosen, then run :meth:`finish`."""
         resolved_loss = {k: v for k, v in LOSSES.parameters(loss).items() if k != "class_counts"}
         resolved_loss.update(self.training_loss_params(loss, loss_params))
         resolved_sampler = {
@@ -238,10 +338,13 @@ class TrainableHead(Head):
         self.val_history_ = list(trained.history)
         self.mean_ = data.mean.detach().cpu().numpy()
         self.scale_ = data.scale.detach().cpu().numpy()
-        self._finish(trained, data, seed=seed, train=train)
+        self.finish(trained, data, seed=seed, train=train)
         return self
 
-    def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
+    def finish(self, trained: TrainedWeights, data: PreparedData, *, seed: int, train: TrainConfig) -> None:
+        """The post-fit step: set the learned attributes from ``trained``'s
+        parameters (in ``data``'s standardised space), choosing any post-hoc
+        setting on ``data``'s val split."""
         raise NotImplementedError  # pragma: no cover
 
     def _set_linear(self, weight_std: np.ndarray, bias_std: Optional[np.ndarray]) -> None:
@@ -275,8 +378,8 @@ class LinearHead(TrainableHead):
     def __init__(self) -> None:
         pass
 
-    def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
-        self._set_linear(trained.weight.cpu().numpy(), trained.bias.cpu().numpy())
+    def finish(self, trained, data, *, seed, train) -> None:
+        self._set_linear(trained.params["weight"].cpu().numpy(), trained.params["bias"].cpu().numpy())
 
 
 @register_head("cosine")
@@ -287,7 +390,7 @@ class CosineHead(TrainableHead):
     2019) and analysed by Kang et al. (ICLR 2020). ``scale`` s (16) sets the
     softmax temperature; a loss with its own scale (ldam's s) replaces it.
     x is the standardised feature (centred, every feature scaled to the same
-    spread; :class:`decouple.stage_two.fit.PreparedData`), the decoupled
+    spread; :class:`decouple.stage_two.trainer.PreparedData`), the decoupled
     counterpart of the batch-normalised embedding a network would feed it:
     the raw pooled features of a ReLU network all lie in one narrow cone,
     where cosines barely separate the classes.
@@ -298,18 +401,22 @@ class CosineHead(TrainableHead):
     def __init__(self, scale: float = 16.0) -> None:
         self.scale = scale
 
-    def weight_family(self) -> Tuple:
+    def family_key(self) -> Tuple:
         return (self.family, float(self.scale))
 
+    def weight_family(self, losses: Sequence[Any]) -> WeightFamily:
+        return CosineFamily([self.training_logit_scale(loss) for loss in losses])
+
     def training_logit_scale(self, loss_module: Any) -> float:
+        """s for this loss: 1 when the loss applies its own scale (LDAM's s,
+        which Cao et al. apply to raw cosines), else ``scale``."""
         if not (isinstance(self.scale, (int, float)) and self.scale > 0):
             raise ConfigError(f"head parameter scale of cosine must be > 0; got {self.scale!r}")
-        # LDAM scales its logits by s itself (Cao et al. apply it to raw cosines).
         return 1.0 if loss_module.applies_own_scale else float(self.scale)
 
-    def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
-        self.coef_ = trained.weight.cpu().numpy().astype(np.float32)  # unit rows
-        self.logit_scale_ = float(trained.logit_scale)
+    def finish(self, trained, data, *, seed, train) -> None:
+        self.coef_ = trained.params["weight"].cpu().numpy().astype(np.float32)  # unit rows
+        self.logit_scale_ = float(trained.params["logit_scale"])
         self.classes_ = np.arange(self.coef_.shape[0])
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -337,22 +444,11 @@ class TauNormHead(TrainableHead):
     def __init__(self, taus: Sequence[float] = DEFAULT_TAUS) -> None:
         self.taus = taus
 
-    def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
-        import torch
-
-        try:
-            taus = [float(tau) for tau in self.taus]
-        except (TypeError, ValueError):
-            taus = []
-        if not taus or not all(np.isfinite(taus)):
-            raise ConfigError(
-                f"head parameter taus of tau_norm must be a non-empty list of numbers; got {self.taus!r}"
-            )
-        weight = trained.weight
+    def finish(self, trained, data, *, seed, train) -> None:
+        taus = self._checked_taus()
+        weight = trained.params["weight"]
         norms = weight.norm(dim=1).clamp_min(1e-12)
         if data.x_val is not None:
-            from decouple.stage_two.fit import mean_class_score
-
             with torch.no_grad():
                 stacked = torch.cat([weight / norms[:, None] ** tau for tau in taus])  # (T * C, D)
                 logits = data.x_val @ stacked.t()
@@ -369,6 +465,17 @@ class TauNormHead(TrainableHead):
         normalized = (weight / norms[:, None] ** self.tau_).cpu().numpy()
         self._set_linear(normalized, None)
 
+    def _checked_taus(self) -> List[float]:
+        try:
+            taus = [float(tau) for tau in self.taus]
+        except (TypeError, ValueError):
+            taus = []
+        if not taus or not all(np.isfinite(taus)):
+            raise ConfigError(
+                f"head parameter taus of tau_norm must be a non-empty list of numbers; got {self.taus!r}"
+            )
+        return taus
+
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "tau": self.tau_, "selected_on": self.selected_on_}
 
@@ -383,82 +490,32 @@ class LWSHead(TrainableHead):
     Here the bias is relearned with the scales (``learn_bias``), since a
     frozen bias would keep the head-class prior that the scales undo. The
     linear head itself is trained with the cell's loss and sampler; the
-    scales use ``epochs`` (default: the training epochs) chosen on val.
+    scales are a second run of the fused trainer (:class:`ScaledLogitsFamily`)
+    for ``epochs`` (default: the training epochs), their epoch chosen on val.
     """
 
     def __init__(self, learn_bias: bool = True, epochs: Optional[int] = None) -> None:
         self.learn_bias = learn_bias
         self.epochs = epochs
 
-    def _finish(self, trained: Any, data: Any, *, seed: int, train: Any) -> None:
-        import torch
-
-        from decouple.stage_two.samplers import create_sampler
-        from decouple.stage_two.fit import cpu_threads_for, make_optimizer
-
+    def finish(self, trained, data, *, seed, train) -> None:
         epochs = int(self.epochs if self.epochs is not None else train.epochs)
         if epochs < 1:
             raise ConfigError(f"head parameter epochs of lws must be >= 1; got {self.epochs!r}")
-        weight = trained.weight
-        with torch.no_grad():
-            z_train = data.x @ weight.t()  # (N, C) frozen logits without bias
-            z_val = None if data.x_val is None else data.x_val @ weight.t()
-        scales = torch.ones(data.num_classes, device=weight.device, requires_grad=True)
-        bias = trained.bias.detach().clone().requires_grad_(bool(self.learn_bias))
-        parameters = [scales] + ([bias] if self.learn_bias else [])
-        optimizer = make_optimizer([{"params": parameters, "weight_decay": 0.0}], train)
-        sampler = create_sampler(
-            "class_balanced", data.y.cpu().numpy(), total_epochs=epochs, seed=seed
-        )
-        with cpu_threads_for(data.device, train.batch_size * data.num_classes):
-            chooser, best_scales, best_bias = self._train_scales(
-                z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train
-            )
-        self.scale_epoch_ = chooser.epochs[0]
-        self.scales_ = best_scales.cpu().numpy()
-        self.scale_history_ = chooser.histories[0]
+        weight = trained.params["weight"]
+        family = ScaledLogitsFamily(weight, trained.params["bias"], learn_bias=self.learn_bias)
+        sampler = create_sampler("class_balanced", data.y.cpu().numpy(), total_epochs=epochs, seed=seed)
+        # The scales train in float32 whatever the precision: their products are element-wise.
+        scale_train = replace(train, epochs=epochs, precision="float32")
+        ce = create_loss("ce", class_counts=data.class_counts)
+        scaled = train_heads(data, [ce], sampler=sampler, family=family, seed=seed, train=scale_train)[0]
+        self.scale_epoch_ = scaled.epoch
+        self.scales_ = scaled.params["scales"].cpu().numpy()
+        self.scale_history_ = scaled.history
         self._set_linear(
-            (weight * best_scales[:, None]).detach().cpu().numpy(), best_bias.cpu().numpy()
+            (weight * scaled.params["scales"][:, None]).detach().cpu().numpy(),
+            scaled.params["bias"].detach().cpu().numpy(),
         )
-
-    @staticmethod
-    def _train_scales(z_train, z_val, scales, bias, optimizer, sampler, data, epochs, train) -> Tuple:
-        """Minimise class-balanced cross-entropy over the scales (and bias);
-        returns (EpochChooser, scales, bias), the epoch chosen on val as in the
-        fused trainer (the last epoch without val)."""
-        import math
-
-        import torch
-
-        from decouple.stage_two.fit import EpochChooser, is_checkpoint, mean_class_score
-
-        steps = epochs * -(-len(data.y) // train.batch_size)
-        step = 0
-        chooser = EpochChooser(1, epochs)
-        chosen = (scales.detach().clone(), bias.detach().clone())
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            order = sampler.epoch_indices().to(z_train.device)
-            for start in range(0, len(order), train.batch_size):
-                batch = order[start : start + train.batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.5 * train.lr * (1.0 + math.cos(math.pi * step / steps))
-                logits = z_train.index_select(0, batch) * scales + bias
-                loss = torch.nn.functional.cross_entropy(logits, data.y.index_select(0, batch))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-            if z_val is None or not is_checkpoint(epoch, epochs):
-                continue
-            with torch.no_grad():
-                predictions = (z_val * scales + bias).argmax(dim=1, keepdim=True)
-                score, error = mean_class_score(predictions, data.y_val, data.num_classes, with_error=True)
-            if chooser.update(epoch, score.tolist(), error.tolist()):
-                chosen = (scales.detach().clone(), bias.detach().clone())
-        if z_val is None:  # the last epoch
-            chosen = (scales.detach().clone(), bias.detach().clone())
-        return (chooser,) + chosen
 
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "scale_epoch": self.scale_epoch_, "selected_on": self.selected_on_}
@@ -475,8 +532,6 @@ def faiss_index(vectors: np.ndarray, *, metric: str):
     """A flat FAISS index over ``vectors`` (M, D): inner product for "cosine"
     (rows are expected L2-normalised), squared L2 for "l2"; moved to the GPU
     when FAISS sees one. Returns (index, gpu_resources or None)."""
-    import faiss
-
     vectors = _as_float32(vectors)
     dim = vectors.shape[1]
     index = faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)

@@ -26,7 +26,7 @@ A Survey" (TPAMI 2023) and the cited papers.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,13 +39,12 @@ from decouple.registry import Registry
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
 
-#: How a classifier computes its logits, which decides some losses' settings,
-#: and the classifiers of each family: "linear", W x + b; "cosine",
-#: cos(x, w) in [-1, 1]. Each head class names its ``family``.
-HEAD_FAMILIES = {
-    "linear": ("linear", "tau_norm", "lws", "stage one"),
-    "cosine": ("cosine",),
-}
+#: How a classifier computes its logits, which decides some losses' settings:
+#: "linear", W x + b; "cosine", cos(x, w) in [-1, 1]. Each head class names
+#: its ``family``; stage one's network is linear.
+LOGIT_FAMILIES = ("linear", "cosine")
+#: Stage one's classifier, listed with the heads of its family.
+STAGE_ONE = "stage one"
 
 CountsLike = Union[np.ndarray, Sequence[float], Tensor]
 
@@ -245,11 +244,11 @@ class LongTailLoss(nn.Module):
 def family_settings(
     name: str, family: str, given: Optional[Dict[str, Any]] = None, *, fixed_features: bool = False
 ) -> Dict[str, Any]:
-    """Settings of loss ``name`` on a head of ``family`` (HEAD_FAMILIES): the
+    """Settings of loss ``name`` on a head of ``family`` (LOGIT_FAMILIES): the
     family's defaults (``family_defaults``), then, for a head trained on fixed
     features (stage two), the loss's ``head_defaults``, overridden by ``given``."""
-    if family not in HEAD_FAMILIES:
-        raise ConfigError(f"head family must be one of {', '.join(HEAD_FAMILIES)}; got {family!r}")
+    if family not in LOGIT_FAMILIES:
+        raise ConfigError(f"head family must be one of {', '.join(LOGIT_FAMILIES)}; got {family!r}")
     loss_class = LOSSES.get(name)
     settings = dict(getattr(loss_class, "family_defaults", {}).get(family, {}))
     if fixed_features:
@@ -258,17 +257,18 @@ def family_settings(
     return settings
 
 
-def family_note(name: str) -> str:
+def family_note(name: str, families: Mapping[str, Sequence[str]]) -> str:
     """"s=1 on linear, tau_norm, lws and stage one; s=30 on cosine" for a loss
     whose settings differ by head family (the constructor default where a
-    family sets none); "" otherwise."""
+    family sets none), ``families`` mapping each family to the classifiers
+    in it; "" otherwise."""
     defaults = getattr(LOSSES.get(name), "family_defaults", {})
     keys = sorted({key for settings in defaults.values() for key in settings})
     if not keys:
         return ""
     constructor = LOSSES.parameters(name)
     parts = []
-    for family, members in HEAD_FAMILIES.items():
+    for family, members in families.items():
         values = {**{key: constructor.get(key) for key in keys}, **defaults.get(family, {})}
         where = members[0] if len(members) == 1 else f"{', '.join(members[:-1])} and {members[-1]}"
         parts.append(", ".join(f"{key}={values[key]:g}" for key in keys) + f" on {where}")
@@ -284,12 +284,16 @@ def create_loss(name: str, *, class_counts: CountsLike, **params) -> LongTailLos
     return LOSSES.create(name, class_counts=class_counts, **params)
 
 
-def list_losses() -> List[Tuple[str, str]]:
+def list_losses(families: Optional[Mapping[str, Sequence[str]]] = None) -> List[Tuple[str, str]]:
     """(name, one-line description) of every registered loss, with the
-    settings that differ by head family (:func:`family_note`)."""
+    settings that differ by head family (:func:`family_note`; ``families``
+    as :func:`decouple.stage_two.heads.head_families` gives them, by default
+    each family by its name)."""
+    if families is None:
+        families = {family: (family,) for family in LOGIT_FAMILIES}
     listing = []
     for name, description in LOSSES.describe():
-        note = family_note(name)
+        note = family_note(name, families)
         listing.append((name, f"{description} ({note})" if note else description))
     return listing
 

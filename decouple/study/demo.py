@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from decouple.atomic import write_text_atomic
+from decouple.stage_one.extract import ExtractConfig, run_extract
+from decouple.stage_one.finetune import FinetuneConfig
+from decouple.stage_one.splits import SplitOptions
+from decouple.stage_two.heads import HEADS
+from decouple.stage_two.losses import LOSSES
+from decouple.stage_two.samplers import SAMPLERS
+from decouple.study.config import parse_config
+from decouple.study.export import render
+from decouple.study.plots import export_plots
+from decouple.study.runner import run_sweep
+from decouple.study.store import CellRecord, load_records
 
 DEMO_METRICS = ("top1", "macro_f1", "many", "medium", "few")
 #: Methods are ranked on val (never test) by mean per-class accuracy.
@@ -28,9 +43,6 @@ def write_digits_folder(root: Path, *, test_per_class: int = 50, size: int = 32,
     rest form the training pool that extraction makes long-tailed.
     Returns ``root``; an existing complete folder is reused.
     """
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     marker = root / ".complete"
     if marker.exists():
         return root
@@ -52,10 +64,6 @@ def write_digits_folder(root: Path, *, test_per_class: int = 50, size: int = 32,
 def demo_sweep_config(features_path: Path, db_path: Path, *, seeds: List[int], epochs: Optional[int] = None) -> Dict:
     """Every registered head, loss and sampler over the demo's feature file;
     ``epochs`` None trains with stage two's default budget."""
-    from decouple.stage_two.heads import HEADS
-    from decouple.stage_two.losses import LOSSES
-    from decouple.stage_two.samplers import SAMPLERS
-
     return {
         "features": [{"path": str(features_path), "name": "digits_lt", "backbone": "resnet32_cifar"}],
         "grid": {
@@ -86,33 +94,13 @@ def run_demo(
     ``results.db``, ``results.md``, ``results.csv``, ``cells.csv`` and
     ``plots/``. A rerun reuses the finished parts.
     """
-    from decouple.atomic import write_text_atomic
-    from decouple.study.export import render
-    from decouple.stage_one.extract import ExtractConfig, run_extract
-    from decouple.stage_one.finetune import FinetuneConfig
-    from decouple.study.plots import export_plots
-    from decouple.study.results import load_records
-    from decouple.study.sweep import parse_config, run_sweep
-
     out = Path(out_dir)
     seeds = [0] if seeds is None else list(seeds)
     data = write_digits_folder(out / "data")
     features_path = out / "features" / "digits_lt.h5"
     if not features_path.exists():
         log(f"stage one: fine-tuning resnet32_cifar on long-tailed digits (IF={imbalance:g}), {finetune_epochs} epochs")
-        run_extract(
-            ExtractConfig(
-                data=str(data),
-                backbone="resnet32_cifar",
-                imbalance=imbalance,
-                val_per_class=20,
-                seed=0,
-                out=str(features_path),
-                dtype="float32",
-                finetune=FinetuneConfig(epochs=finetune_epochs, batch_size=32, lr=0.05, warmup_epochs=1.0),
-            ),
-            log=log,
-        )
+        extract_digits_features(data, features_path, imbalance=imbalance, finetune_epochs=finetune_epochs, log=log)
     db_path = out / "results.db"
     config = parse_config(
         demo_sweep_config(features_path, db_path, seeds=seeds, epochs=head_epochs),
@@ -122,6 +110,35 @@ def run_demo(
     summary = run_sweep(config, progress=True)
     log(str(summary))
     records = load_records(db_path)
+    best_table = _write_tables_and_plots(records, out, top=top, log=log)
+    log(
+        f"the {top} best of {len(records)} methods by {RANK_SPLIT} {RANK_METRIC}, then the "
+        f"linear / ce / instance baseline (all methods in {out / 'results.md'}):"
+    )
+    return best_table
+
+
+def extract_digits_features(
+    data: Path, features_path: Path, *, imbalance: float, finetune_epochs: int, log: Callable[[str], None]
+) -> None:
+    """Stage one on the digits folder: a long-tailed split, a CIFAR ResNet-32
+    fine-tuned on the CPU, float32 embeddings of every split."""
+    run_extract(
+        ExtractConfig(
+            data=str(data),
+            backbone="resnet32_cifar",
+            split=SplitOptions(imbalance=imbalance, val_per_class=20, seed=0),
+            out=str(features_path),
+            dtype="float32",
+            finetune=FinetuneConfig(epochs=finetune_epochs, batch_size=32, lr=0.05, warmup_epochs=1.0),
+        ),
+        log=log,
+    )
+
+
+def _write_tables_and_plots(records: List[CellRecord], out: Path, *, top: int, log: Callable[[str], None]) -> str:
+    """Write results.md, results.csv, cells.csv and the plots of the ``top``
+    methods plus the baseline; returns the Markdown table of those."""
     splits = ["test", "test_lt"]
     table = render(records, format="markdown", metrics=list(DEMO_METRICS), splits=splits)
     write_text_atomic(out / "results.md", table)
@@ -134,17 +151,13 @@ def run_demo(
     write_text_atomic(out / "cells.csv", render(records, format="csv"))
     plots = export_plots(best, out / "plots", splits=["test"])
     log(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'cells.csv'} and {len(plots)} plot files in {out / 'plots'}")
-    log(
-        f"the {top} best of {len(records)} methods by {RANK_SPLIT} {RANK_METRIC}, then the "
-        f"linear / ce / instance baseline (all methods in {out / 'results.md'}):"
-    )
     return best_table
 
 
-def top_records(records: List, count: int) -> List:
+def top_records(records: List[CellRecord], count: int) -> List[CellRecord]:
     """The ``count`` records with the highest RANK_METRIC on RANK_SPLIT, best first."""
 
-    def score(record) -> float:
+    def score(record: CellRecord) -> float:
         value = record.metrics.get(RANK_SPLIT, {}).get(RANK_METRIC)
         return float("-inf") if value is None else float(value)
 

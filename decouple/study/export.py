@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from decouple.errors import DecoupleError, did_you_mean
-from decouple.study.results import METRIC_COLUMNS, CellRecord
+from decouple.study.grid import train_identity
+from decouple.study.store import METRIC_COLUMNS, CellRecord
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
 METHOD_FIELDS = ("features", "head", "loss", "sampler")
@@ -183,8 +184,6 @@ def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
     and the training settings that matter to it, precision included (head),
     the loss's and the sampler's settings. Choices made on val (epoch, tau)
     are results, not settings, and are left out."""
-    from decouple.study.sweep import train_identity
-
     try:
         train = train_identity(record.head, record.train)
     except DecoupleError:  # a head this version does not know: keep every setting
@@ -311,25 +310,43 @@ def summarize(
     splits = resolve_splits(records, splits)
     metrics = resolve_metrics(records, metrics)
     labels = labelled_methods(records)
+    row_fields = _row_fields(labels, rows)
+    columns = [(split, metric) for split in splits for metric in metrics]
+    table_rows = _summary_rows(records, labels, row_fields, columns)
+    best = _best_rows(table_rows, columns, digits=digits, scale=scale)
+    return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best)
+
+
+def _row_fields(labels: Sequence[Dict[str, Optional[str]]], rows: Optional[Sequence[str]]) -> List[str]:
+    """The method fields that label a row: ``rows`` (checked to hide no field
+    that varies), else those that vary, else head and loss."""
     varying = _varying_fields(labels)
-    if rows:
-        for name in rows:
-            if name not in METHOD_FIELDS:
-                raise DecoupleError(f"unknown row field {name!r}; known: {', '.join(METHOD_FIELDS)}")
-        hidden = [name for name in varying if name not in rows]
-        if hidden:
-            values = sorted({str(label[hidden[0]]) for label in labels})
-            raise DecoupleError(
-                f"rows {', '.join(rows)} would average over {hidden[0]} ({', '.join(values)}); "
-                f"add {hidden[0]} to the rows or select one {hidden[0]}"
-            )
-        row_fields = list(rows)
-    else:
-        row_fields = varying or ["head", "loss"]
+    if not rows:
+        return varying or ["head", "loss"]
+    for name in rows:
+        if name not in METHOD_FIELDS:
+            raise DecoupleError(f"unknown row field {name!r}; known: {', '.join(METHOD_FIELDS)}")
+    hidden = [name for name in varying if name not in rows]
+    if hidden:
+        values = sorted({str(label[hidden[0]]) for label in labels})
+        raise DecoupleError(
+            f"rows {', '.join(rows)} would average over {hidden[0]} ({', '.join(values)}); "
+            f"add {hidden[0]} to the rows or select one {hidden[0]}"
+        )
+    return list(rows)
+
+
+def _summary_rows(
+    records: Sequence[CellRecord],
+    labels: Sequence[Dict[str, Optional[str]]],
+    row_fields: Sequence[str],
+    columns: Sequence[Tuple[str, str]],
+) -> List[SummaryRow]:
+    """One row per distinct label of ``row_fields``, in order of first
+    appearance, with the statistics of every column over its cells."""
     groups: Dict[Tuple, List[CellRecord]] = {}
     for record, label in zip(records, labels):
         groups.setdefault(tuple(label[name] for name in row_fields), []).append(record)
-    columns = [(split, metric) for split in splits for metric in metrics]
     table_rows = []
     for key, members in groups.items():
         stats = {
@@ -346,6 +363,14 @@ def summarize(
                 records=list(members),
             )
         )
+    return table_rows
+
+
+def _best_rows(
+    table_rows: Sequence[SummaryRow], columns: Sequence[Tuple[str, str]], *, digits: Optional[int], scale: float
+) -> Dict[Tuple[str, str], List[int]]:
+    """Column -> indices of the rows whose mean, as displayed, is highest
+    (columns with fewer than two means mark none)."""
     best: Dict[Tuple[str, str], List[int]] = {}
     for column in columns:
         shown = [
@@ -357,7 +382,7 @@ def summarize(
         if len(present) >= 2:
             top = max(present)
             best[column] = [index for index, value in enumerate(shown) if value == top]
-    return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best)
+    return best
 
 
 # ---------------------------------------------------------------------------

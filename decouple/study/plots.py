@@ -19,10 +19,14 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
 from decouple.atomic import atomic_path
 from decouple.errors import DecoupleError
 from decouple.study.export import SummaryTable, summarize
-from decouple.study.results import CellRecord
+from decouple.study.store import CellRecord
 
 GROUPS = ("many", "medium", "few")
 GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "Few (< 20)"}
@@ -31,8 +35,6 @@ GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "F
 def _figure(width: float, height: float):
     """A figure and its axes outside pyplot: no global backend switch and no
     figure registry to close (savefig picks a canvas for the file format)."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(width, height))
     return figure, figure.subplots()
 
@@ -59,8 +61,6 @@ def _plot_label(row, fields: Sequence[str]) -> str:
 
 
 def _running_mean(values, window: int):
-    import numpy as np
-
     values = np.asarray(values, dtype=float)
     if window <= 1 or len(values) < 3:
         return values
@@ -81,9 +81,6 @@ def plot_per_class_accuracy(
 ) -> List[Path]:
     """Per-class accuracy on ``split`` against training count, one series per
     row of ``table`` (all rows must share a feature file's classes)."""
-    import numpy as np
-    from matplotlib import colormaps
-
     counts = None
     figure, axis = _figure(7.0, 4.2)
     colors = colormaps["tab10" if len(table.rows) <= 10 else "tab20"]
@@ -130,8 +127,6 @@ def plot_group_bars(
 ) -> List[Path]:
     """Grouped bars: many / medium / few accuracy on ``split`` per row of ``table``
     (mean over seeds, std as error bars; an empty group draws no bar)."""
-    import numpy as np
-
     labels = [_plot_label(row, table.row_fields) for row in table.rows]
     width = 0.8 / len(GROUPS)
     positions = np.arange(len(labels))

@@ -43,7 +43,7 @@ import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from decouple.errors import DecoupleError
 from decouple.provenance import jsonable, utc_now
@@ -174,6 +174,49 @@ def _scalar(value: Any) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
+def _cell_row(record: CellRecord) -> Tuple[Any, ...]:
+    """A record's values for the columns of the cells table, in schema order."""
+    return (
+        record.cell_key,
+        record.config_hash,
+        record.features,
+        record.features_name,
+        record.features_sha256,
+        record.backbone,
+        _dumps(record.tags),
+        record.head,
+        record.loss,
+        record.sampler,
+        int(record.seed),
+        _dumps(record.params),
+        _dumps(record.train),
+        _dumps(list(record.class_names)),
+        _dumps([int(count) for count in record.train_counts]),
+        _dumps(record.versions),
+        float(record.fit_seconds),
+        None if record.wall_seconds is None else float(record.wall_seconds),
+        record.finished_at or utc_now(),
+    )
+
+
+def _metric_row(cell_id: int, split: str, values: Mapping[str, Any]) -> Tuple[Any, ...]:
+    """One split's values for the columns of the metrics table; scalars
+    without a column of their own go to ``extra``."""
+    extra = {
+        key: value
+        for key, value in values.items()
+        if key not in METRIC_COLUMNS and key not in ("n", "per_class")
+    }
+    return (
+        cell_id,
+        split,
+        int(values["n"]),
+        *(_scalar(values.get(name)) for name in METRIC_COLUMNS),
+        _dumps([_scalar(value) for value in values.get("per_class", [])]),
+        _dumps(extra),
+    )
+
+
 class ResultStore:
     """The SQLite results database of a sweep.
 
@@ -282,49 +325,17 @@ class ResultStore:
                     backbone, tags, head, loss, sampler, seed, params, train,
                     class_names, train_counts, versions, fit_seconds, wall_seconds, finished_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    record.cell_key,
-                    record.config_hash,
-                    record.features,
-                    record.features_name,
-                    record.features_sha256,
-                    record.backbone,
-                    _dumps(record.tags),
-                    record.head,
-                    record.loss,
-                    record.sampler,
-                    int(record.seed),
-                    _dumps(record.params),
-                    _dumps(record.train),
-                    _dumps(list(record.class_names)),
-                    _dumps([int(count) for count in record.train_counts]),
-                    _dumps(record.versions),
-                    float(record.fit_seconds),
-                    None if record.wall_seconds is None else float(record.wall_seconds),
-                    record.finished_at or utc_now(),
-                ),
+                _cell_row(record),
             )
             if cursor.rowcount == 0:
                 return False
             cell_id = cursor.lastrowid
             for split, values in record.metrics.items():
-                extra = {
-                    key: value
-                    for key, value in values.items()
-                    if key not in METRIC_COLUMNS and key not in ("n", "per_class")
-                }
                 self._conn.execute(
                     """INSERT INTO metrics (cell_id, split, n, top1, top5, macro_f1,
                         mean_class_acc, many, medium, few, per_class, extra)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        cell_id,
-                        split,
-                        int(values["n"]),
-                        *(_scalar(values.get(name)) for name in METRIC_COLUMNS),
-                        _dumps([_scalar(value) for value in values.get("per_class", [])]),
-                        _dumps(extra),
-                    ),
+                    _metric_row(cell_id, split, values),
                 )
         return True
 
@@ -364,43 +375,10 @@ class ResultStore:
         """
         if not self._has_cells():
             return []
-        where: List[str] = []
-        args: List[Any] = []
-
-        def member(column: str, values: Optional[Iterable[Any]], *, nullable: bool = False) -> None:
-            if values is None:
-                return
-            values = list(values)
-            wanted = [value for value in values if not (nullable and value in (None, "none"))]
-            clauses = []
-            if wanted:
-                clauses.append(f"{column} IN ({', '.join('?' * len(wanted))})")
-                args.extend(wanted)
-            if nullable and len(wanted) < len(values):
-                clauses.append(f"{column} IS NULL")
-            where.append("(" + " OR ".join(clauses or ["0"]) + ")")
-
-        if features is not None:
-            names = list(features)
-            where.append(
-                f"(features_name IN ({', '.join('?' * len(names))}) "
-                f"OR features IN ({', '.join('?' * len(names))}))"
-            )
-            args.extend(names + names)
-        member("head", heads)
-        member("loss", losses, nullable=True)
-        member("sampler", samplers, nullable=True)
-        member("seed", seeds)
-        condition = " WHERE " + " AND ".join(where) if where else ""
-        split_list = list(splits) if splits is not None else None
-        metric_where = [f"cell_id IN (SELECT cell_id FROM cells{condition})"] if where else []
-        metric_args = list(args)
-        if split_list is not None:
-            metric_where.append(f"split IN ({', '.join('?' * len(split_list))})" if split_list else "0")
-            metric_args.extend(split_list)
-        metric_sql = "SELECT * FROM metrics"
-        if metric_where:
-            metric_sql += " WHERE " + " AND ".join(metric_where)
+        condition, args = _cells_condition(
+            features=features, heads=heads, losses=losses, samplers=samplers, seeds=seeds
+        )
+        metric_sql, metric_args = _metrics_query(condition, args, None if splits is None else list(splits))
         self._conn.row_factory = sqlite3.Row
         try:
             # Two queries whatever the number of cells: the cells, then all their metrics.
@@ -411,6 +389,60 @@ class ResultStore:
             return [_record_from_row(row, metrics.get(row["cell_id"], {})) for row in cells]
         finally:
             self._conn.row_factory = None
+
+
+def _cells_condition(
+    *,
+    features: Optional[Iterable[str]],
+    heads: Optional[Iterable[str]],
+    losses: Optional[Iterable[str]],
+    samplers: Optional[Iterable[str]],
+    seeds: Optional[Iterable[int]],
+) -> Tuple[str, List[Any]]:
+    """The " WHERE ..." clause (or "") selecting the cells of
+    :meth:`ResultStore.records`'s filters, and its arguments."""
+    where: List[str] = []
+    args: List[Any] = []
+
+    def member(column: str, values: Optional[Iterable[Any]], *, nullable: bool = False) -> None:
+        if values is None:
+            return
+        values = list(values)
+        wanted = [value for value in values if not (nullable and value in (None, "none"))]
+        clauses = []
+        if wanted:
+            clauses.append(f"{column} IN ({', '.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if nullable and len(wanted) < len(values):
+            clauses.append(f"{column} IS NULL")
+        where.append("(" + " OR ".join(clauses or ["0"]) + ")")
+
+    if features is not None:
+        names = list(features)
+        where.append(
+            f"(features_name IN ({', '.join('?' * len(names))}) "
+            f"OR features IN ({', '.join('?' * len(names))}))"
+        )
+        args.extend(names + names)
+    member("head", heads)
+    member("loss", losses, nullable=True)
+    member("sampler", samplers, nullable=True)
+    member("seed", seeds)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+def _metrics_query(cells_condition: str, cells_args: List[Any], splits: Optional[List[str]]) -> Tuple[str, List[Any]]:
+    """The query of every metric row of the cells ``cells_condition`` selects,
+    limited to ``splits`` if given, and its arguments."""
+    metric_where = [f"cell_id IN (SELECT cell_id FROM cells{cells_condition})"] if cells_condition else []
+    metric_args = list(cells_args)
+    if splits is not None:
+        metric_where.append(f"split IN ({', '.join('?' * len(splits))})" if splits else "0")
+        metric_args.extend(splits)
+    metric_sql = "SELECT * FROM metrics"
+    if metric_where:
+        metric_sql += " WHERE " + " AND ".join(metric_where)
+    return metric_sql, metric_args
 
 
 def _metric_values(row: sqlite3.Row) -> Dict[str, Any]:

@@ -1,0 +1,93 @@
+"""Image decoding through the source that owns each reference, the decode
+check that drops unreadable images, and the map-style :class:`ImageDataset`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from decouple.errors import DataError
+from decouple.stage_one.manifest import Manifest, SplitItems
+from decouple.stage_one.sources import decoder_for
+
+
+def load_image(ref: str) -> Image.Image:
+    """A PIL RGB image from a file path or a source's own reference (e.g. ``PICKLE#INDEX``)."""
+    return decoder_for(ref).load_image(ref)
+
+
+def image_problem(ref: str) -> Optional[str]:
+    """None if ``ref`` decodes, else a short reason."""
+    return decoder_for(ref).image_problem(ref)
+
+
+def find_bad_images(refs: Sequence[str], *, workers: int = 4) -> Dict[str, str]:
+    """ref -> reason for every reference that does not decode."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = list(pool.map(image_problem, refs, chunksize=256))
+    return {ref: problem for ref, problem in zip(refs, problems) if problem}
+
+
+def native_image_size(refs: Sequence[str], *, sample: int = 16) -> int:
+    """Median longer side of up to ``sample`` evenly spaced images."""
+    picks = [refs[i] for i in np.linspace(0, len(refs) - 1, min(sample, len(refs))).astype(int)]
+    sides = []
+    for ref in picks:
+        try:
+            sides.append(decoder_for(ref).image_side(ref))
+        except Exception:
+            continue
+    return int(np.median(sides)) if sides else 224
+
+
+def drop_bad_images(manifest: Manifest, *, strict: bool = False, workers: int = 4) -> Manifest:
+    """Check every image decodes; drop and list the bad ones, or raise with ``strict``."""
+    refs = sorted({ref for items in manifest.splits.values() for ref in items.refs})
+    bad = find_bad_images(refs, workers=workers)
+    if not bad:
+        manifest.info["skipped_images"] = []
+        return manifest
+    first = sorted(bad)[0]
+    if strict:
+        raise DataError(
+            f"{first}: cannot be decoded ({bad[first]}); {len(bad)} bad image(s) in all, "
+            f"fatal under --strict"
+        )
+    splits = {}
+    for name, items in manifest.splits.items():
+        keep = [i for i, ref in enumerate(items.refs) if ref not in bad]
+        splits[name] = items.subset(keep)
+    counts = np.bincount(splits["train"].labels, minlength=manifest.num_classes)
+    if (counts == 0).any():
+        empty = int(np.flatnonzero(counts == 0)[0])
+        raise DataError(
+            f"class {manifest.class_names[empty]!r} has no readable training image once "
+            f"{len(bad)} bad image(s) are skipped (first: {first})"
+        )
+    info = dict(manifest.info, skipped_images=sorted(bad))
+    return Manifest(manifest.class_names, {k: v for k, v in splits.items() if len(v)}, info)
+
+
+class ImageDataset:
+    """A map-style dataset over one split: (transform(image), label)."""
+
+    def __init__(self, items: SplitItems, transform: Optional[Callable] = None) -> None:
+        self.refs = items.refs
+        self.labels = items.labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int):
+        ref = self.refs[index]
+        try:
+            image = load_image(ref)
+        except Exception as exc:
+            raise DataError(f"{ref}: cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])

@@ -1,0 +1,446 @@
+"""Sweep configs: the YAML schema, checked whole before anything runs, into a
+:class:`SweepConfig`.
+
+Config (DESIGN.md "Sweep config"; every key is checked, an unknown one is an
+error naming its place in the file)::
+
+    features:                       # one or more feature files, paths relative to the
+      - features/cifar10_lt.h5      # working directory; a plain path, or a mapping:
+      - path: features/vit_lt.h5
+        name: vit_lt                #   label in tables (default: the file stem)
+        backbone: vit_base_patch16_224   # default: the file's backbone attribute
+        tags: {train_data: long_tailed}  # free labels, stored with every cell
+    grid:                           # the product of these lists (a single value is a list of one)
+      head: [linear, tau_norm, ncm] # required
+      loss: [ce, balanced_softmax]  # required when a head trains with a loss
+      sampler: [instance]           # default [instance]
+      seed: [0, 1, 2]               # default [0]
+    params:                         # per-method settings, keyed by method name
+      focal: {gamma: 2.0}
+    train: {epochs: 30, lr: 0.1}    # TrainConfig fields
+    db: results.db                  # default results.db
+
+A head that takes no loss or sampler (ncm, knn) runs once per feature file
+and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from decouple.errors import ClassCountError, ConfigError, DecoupleError, did_you_mean
+from decouple.stage_two.cells import Cell, method_params, validate_cell
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.heads import HEADS, create_head
+from decouple.stage_two.losses import LOSSES
+from decouple.stage_two.samplers import SAMPLERS
+from decouple.study.grid import cell_params, head_takes_loss, loss_sampler_pairs
+from decouple.study.yaml_lines import ConfigPlaces, KeyPath, parse_yaml
+
+CONFIG_KEYS = ("features", "grid", "params", "train", "db")
+GRID_KEYS = ("head", "loss", "sampler", "seed")
+FEATURE_KEYS = ("path", "name", "backbone", "tags")
+DEFAULT_DB = "results.db"
+DEFAULT_SAMPLERS = ("instance",)
+DEFAULT_SEEDS = (0,)
+# Where ``params:`` names a method; a name in two (class_balanced) takes either's settings.
+METHOD_REGISTRIES = (LOSSES, SAMPLERS, HEADS)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature file of a sweep: its path as given, a label and free tags."""
+
+    path: str
+    name: str
+    backbone: Optional[str] = None
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"path": self.path, "name": self.name, "backbone": self.backbone, "tags": dict(self.tags)}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep config; build it with :func:`load_config` or :func:`parse_config`."""
+
+    features: Tuple[FeatureSpec, ...]
+    heads: Tuple[str, ...]
+    losses: Tuple[str, ...]
+    samplers: Tuple[str, ...]
+    seeds: Tuple[int, ...]
+    params: Mapping[str, Mapping[str, Any]]
+    train: Mapping[str, Any]
+    db: str = DEFAULT_DB
+    source: Optional[str] = None
+    # Line of each key path in the config file, for later errors (missing files).
+    lines: Mapping[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> Dict[str, Any]:
+        """The config's content (without ``db`` and ``source``), JSON-ready."""
+        return {
+            "features": [spec.to_json() for spec in self.features],
+            "grid": {
+                "head": list(self.heads),
+                "loss": list(self.losses),
+                "sampler": list(self.samplers),
+                "seed": list(self.seeds),
+            },
+            "params": {name: dict(values) for name, values in self.params.items()},
+            "train": dict(self.train),
+        }
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the config's content; stored with every cell for provenance."""
+        return sha256_json(self.to_json())
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`~decouple.stage_two.fit.TrainConfig` of ``train:`` plus ``overrides``."""
+        return TrainConfig(**{**dict(self.train), **overrides}).validated()
+
+    def cells(self) -> List[Tuple[FeatureSpec, Cell]]:
+        """(feature spec, validated :class:`~decouple.stage_two.fit.Cell`) for every cell
+        of the grid, in order: feature file, seed, head, loss, sampler."""
+        planned = []
+        for spec in self.features:
+            for seed in self.seeds:
+                for head in self.heads:
+                    for loss, sampler in loss_sampler_pairs(head, self.losses, self.samplers):
+                        cell = Cell(
+                            head=head,
+                            loss=loss,
+                            sampler=sampler,
+                            seed=seed,
+                            params=cell_params(self.params, head, loss, sampler),
+                        )
+                        planned.append((spec, validate_cell(cell)))
+        return planned
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_config(path: Union[str, "os.PathLike[str]"]) -> SweepConfig:
+    """Read and validate a sweep config file; errors name the file, line and key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such sweep config")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML sweep config")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    data, places = parse_yaml(text, source=str(path))
+    return parse_config(data, source=str(path), _places=places)
+
+
+def parse_config(data: Any, *, source: Optional[str] = None, _places: Optional[ConfigPlaces] = None) -> SweepConfig:
+    """Validate a config already parsed into Python values (a dict)."""
+    places = _places or ConfigPlaces(source)
+    if not isinstance(data, Mapping):
+        got = "an empty file" if data is None else type(data).__name__
+        raise places.error((), f"must be a mapping with keys {', '.join(CONFIG_KEYS)}; got {got}")
+    _check_keys(places, (), data, CONFIG_KEYS)
+    if "features" not in data:
+        raise places.error((), "missing key 'features' (a list of feature files)")
+    if "grid" not in data:
+        raise places.error((), "missing key 'grid' (head, loss, sampler, seed lists)")
+    features = _parse_features(places, data["features"])
+    heads, losses, samplers, seeds = _parse_grid(places, data["grid"])
+    params = _parse_params(places, data.get("params") or {})
+    train = _parse_train(places, data.get("train") or {})
+    db = data.get("db", DEFAULT_DB)
+    if not isinstance(db, str) or not db.strip():
+        raise places.error(("db",), f"must be a file path; got {db!r}")
+    config = SweepConfig(
+        features=features,
+        heads=heads,
+        losses=losses,
+        samplers=samplers,
+        seeds=seeds,
+        params=params,
+        train=train,
+        db=db,
+        source=source,
+        lines=dict(places.lines),
+    )
+    check_cells(places, config)
+    return config
+
+
+def _check_keys(places: ConfigPlaces, path: KeyPath, mapping: Mapping, known: Sequence[str], what: str = "key") -> None:
+    for key in mapping:
+        if key not in known:
+            hint = did_you_mean(key, known)
+            raise places.error(
+                path + (key,), f"unknown {what} {key!r}{hint}; known {what}s: {', '.join(known)}"
+            )
+
+
+def _as_list(places: ConfigPlaces, path: KeyPath, value: Any) -> List[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, Mapping):
+        raise places.error(path, "must be a list (or a single value); got a mapping")
+    return [value]
+
+
+def _parse_features(places: ConfigPlaces, value: Any) -> Tuple[FeatureSpec, ...]:
+    entries = _as_list(places, ("features",), value)
+    if not entries:
+        raise places.error(("features",), "must list at least one feature file")
+    specs: List[FeatureSpec] = []
+    for index, entry in enumerate(entries):
+        where = ("features", index)
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, Mapping):
+            raise places.error(where, f"must be a path or a mapping with keys {', '.join(FEATURE_KEYS)}; got {entry!r}")
+        _check_keys(places, where, entry, FEATURE_KEYS)
+        path = entry.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise places.error(where + ("path",), f"must be a feature file path; got {path!r}")
+        name = entry.get("name", Path(path).stem)
+        if not isinstance(name, str) or not name.strip():
+            raise places.error(where + ("name",), f"must be a non-empty string; got {name!r}")
+        backbone = entry.get("backbone")
+        if backbone is not None and not isinstance(backbone, str):
+            raise places.error(where + ("backbone",), f"must be a string; got {backbone!r}")
+        tags = entry.get("tags") or {}
+        if not isinstance(tags, Mapping):
+            raise places.error(where + ("tags",), f"must be a mapping of labels; got {tags!r}")
+        for key, tag in tags.items():
+            if not isinstance(tag, (str, int, float, bool)) or not isinstance(key, str):
+                raise places.error(where + ("tags", key), f"must be a string or number; got {tag!r}")
+        for earlier in specs:
+            if earlier.path == path:
+                raise places.error(where + ("path",), f"{path!r} is listed twice")
+            if earlier.name == name:
+                raise places.error(
+                    where + ("name",), f"name {name!r} is already used by {earlier.path!r}; names must differ"
+                )
+        specs.append(FeatureSpec(path=path, name=name, backbone=backbone, tags=dict(tags)))
+    return tuple(specs)
+
+
+def _parse_grid(
+    places: ConfigPlaces, grid: Any
+) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
+    """``grid:`` -> (heads, losses, samplers, seeds)."""
+    if not isinstance(grid, Mapping):
+        raise places.error(("grid",), f"must be a mapping with keys {', '.join(GRID_KEYS)}; got {grid!r}")
+    _check_keys(places, ("grid",), grid, GRID_KEYS)
+    if "head" not in grid:
+        raise places.error(("grid",), f"missing key 'head' (a list of heads: {', '.join(HEADS.names())})")
+    heads = _grid_names(places, grid, "head", HEADS)
+    if not heads:
+        raise places.error(("grid", "head"), "must list at least one head")
+    losses = _grid_names(places, grid, "loss", LOSSES)
+    samplers = _grid_names(places, grid, "sampler", SAMPLERS, DEFAULT_SAMPLERS)
+    trained = [head for head in heads if head_takes_loss(head)]
+    if trained and not losses:
+        raise places.error(
+            ("grid",), f"missing key 'loss': head {trained[0]!r} trains with a loss; "
+            f"known losses: {', '.join(LOSSES.names())}"
+        )
+    if trained and not samplers:
+        raise places.error(("grid", "sampler"), f"must list at least one sampler for head {trained[0]!r}")
+    return heads, losses, samplers, _grid_seeds(places, grid)
+
+
+def _grid_names(
+    places: ConfigPlaces, grid: Mapping, key: str, registry: Any, default: Sequence[str] = ()
+) -> Tuple[str, ...]:
+    """The registered method names listed under ``grid.<key>``, each once."""
+    values = _as_list(places, ("grid", key), grid.get(key, list(default)))
+    seen: List[str] = []
+    for index, name in enumerate(values):
+        where = ("grid", key, index)
+        if not isinstance(name, str):
+            raise places.error(where, f"must be a {registry.kind} name; got {name!r}")
+        if name not in registry:
+            raise places.error(where, _unknown_name(registry, name))
+        if name in seen:
+            raise places.error(where, f"{name!r} is listed twice")
+        seen.append(name)
+    return tuple(seen)
+
+
+def _grid_seeds(places: ConfigPlaces, grid: Mapping) -> Tuple[int, ...]:
+    """The non-negative integer seeds under ``grid.seed``, each once."""
+    seeds_raw = _as_list(places, ("grid", "seed"), grid.get("seed", list(DEFAULT_SEEDS)))
+    if not seeds_raw:
+        raise places.error(("grid", "seed"), "must list at least one seed")
+    seeds: List[int] = []
+    for index, seed in enumerate(seeds_raw):
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise places.error(("grid", "seed", index), f"must be a non-negative integer; got {seed!r}")
+        if seed in seeds:
+            raise places.error(("grid", "seed", index), f"{seed} is listed twice")
+        seeds.append(seed)
+    return tuple(seeds)
+
+
+def _unknown_name(registry, name: str) -> str:
+    known = registry.names()
+    hint = did_you_mean(name, known)
+    plural = registry.plural
+    if plural.endswith("ss"):  # Registry("loss") without plural="losses"
+        plural = registry.kind + "es"
+    return f"unknown {registry.kind} {name!r}{hint}; known {plural}: {', '.join(known)}"
+
+
+def method_parameters(name: str) -> Dict[str, Any]:
+    """Settings ``params: {name: {...}}`` accepts for method ``name`` (a loss,
+    sampler or head; a name that is both, like class_balanced, takes either's)."""
+    accepted: Dict[str, Any] = {}
+    for registry in METHOD_REGISTRIES:
+        if name in registry:
+            accepted.update(registry.parameters(name))
+    # Filled in from the data or by stage two, never by the config.
+    for housekeeping in ("class_counts", "labels", "total_epochs", "seed", "num_samples", "num_classes"):
+        accepted.pop(housekeeping, None)
+    return accepted
+
+
+def _parse_params(places: ConfigPlaces, params: Any) -> Dict[str, Dict[str, Any]]:
+    if not isinstance(params, Mapping):
+        raise places.error(("params",), f"must map method names to settings; got {params!r}")
+    known = []
+    for registry in METHOD_REGISTRIES:
+        known.extend(name for name in registry.names() if name not in known)
+    parsed: Dict[str, Dict[str, Any]] = {}
+    for method, settings in params.items():
+        where = ("params", method)
+        if method not in known:
+            hint = did_you_mean(method, known)
+            raise places.error(
+                where, f"unknown method {method!r}{hint}; known losses, samplers and heads: {', '.join(known)}"
+            )
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, Mapping):
+            raise places.error(where, f"must be a mapping of settings, e.g. {{gamma: 2.0}}; got {settings!r}")
+        accepted = method_parameters(method)
+        for key in settings:
+            if key not in accepted:
+                hint = did_you_mean(key, accepted)
+                raise places.error(
+                    where + (key,),
+                    f"{method} takes no setting {key!r}{hint}; it takes: {', '.join(accepted) or 'none'}",
+                )
+        parsed[method] = dict(settings)
+    return parsed
+
+
+def _parse_train(places: ConfigPlaces, train: Any) -> Dict[str, Any]:
+    if not isinstance(train, Mapping):
+        raise places.error(("train",), f"must be a mapping of training settings; got {train!r}")
+    hints = typing.get_type_hints(TrainConfig)
+    _check_keys(places, ("train",), train, [item.name for item in dataclasses.fields(TrainConfig)],
+                what="train setting")
+    for key, value in train.items():
+        kinds = typing.get_args(hints[key]) or (hints[key],)  # Optional[int] -> (int, NoneType)
+        kind = next(kind for kind in kinds if kind is not type(None))
+        if value is None:
+            ok = type(None) in kinds
+        elif kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            expected = kind.__name__ + (" or null" if type(None) in kinds else "")
+            raise places.error(("train", key), f"must be {expected}; got {value!r}")
+    try:
+        TrainConfig(**dict(train)).validated()
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        key = next((key for key in train if f" {key} " in f" {message} "), None)
+        raise places.error(("train", key) if key else ("train",), message) from None
+    return dict(train)
+
+
+def check_cells(
+    places: ConfigPlaces,
+    config: SweepConfig,
+    *,
+    class_counts: Optional[Any] = None,
+    features: Optional[str] = None,
+    train: Optional[TrainConfig] = None,
+) -> None:
+    """Every (head, loss, sampler) combination, with its settings, must be one
+    stage two accepts: each is built once here, so that a bad value (a
+    negative focal gamma, a beta of 1) stops the sweep before it starts.
+
+    With ``class_counts`` (C,), the training counts of feature file
+    ``features``, every setting is checked against that file's classes
+    (:func:`~decouple.study.plan.plan_sweep` does this for each file before
+    the first cell runs); without, on made-up counts, where a per-class
+    setting's length cannot be judged yet and is left to that later check.
+    """
+    train = train if train is not None else config.train_config()
+    counts = np.array([100, 30, 10, 3, 1]) if class_counts is None else np.asarray(class_counts)
+    on_file = "" if features is None else f"{features} ({len(counts)} classes): "
+    checked = set()
+    for head in config.heads:
+        for loss, sampler in loss_sampler_pairs(head, config.losses, config.samplers):
+            if (head, loss, sampler) in checked:
+                continue
+            checked.add((head, loss, sampler))
+            params = cell_params(config.params, head, loss, sampler)
+            try:
+                _check_cell(Cell(head=head, loss=loss, sampler=sampler, seed=0, params=params), counts, train)
+            except DecoupleError as exc:
+                if isinstance(exc, ClassCountError) and class_counts is None:
+                    continue  # judged against each feature file's classes by plan_sweep
+                raise places.error(
+                    _setting_place(str(exc), params, loss, sampler, head),
+                    f"{on_file}cell {_cell_label(head, loss, sampler)}: {exc}",
+                ) from None
+
+
+def _check_cell(cell: Cell, class_counts: np.ndarray, train: TrainConfig) -> None:
+    """Build one cell's head and let it check its loss and sampler settings."""
+    cell = validate_cell(cell)
+    settings = method_params(cell)
+    head_object = create_head(cell.head, **settings["head"])
+    if head_object.trainable:
+        head_object.check_settings(cell.loss, cell.sampler, settings, class_counts=class_counts, train=train)
+
+
+def _cell_label(head: str, loss: Optional[str], sampler: Optional[str]) -> str:
+    return "/".join(name for name in (head, loss, sampler) if name)
+
+
+def _setting_place(message: str, params: Mapping[str, Mapping[str, Any]], *methods: Optional[str]) -> KeyPath:
+    """The key path of the setting an error message names: params.<method>.<key>
+    for the first of ``methods`` whose settings it names, else params.<method>
+    of the last with settings, else grid."""
+    where: KeyPath = ("grid",)
+    for method in methods:
+        if method in params:
+            where = ("params", method)
+            hit = next((key for key in params[method] if str(key) in message), None)
+            if hit is not None:
+                return ("params", method, hit)
+    return where
+
+

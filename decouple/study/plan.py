@@ -1,0 +1,115 @@
+"""Planning a sweep: every cell of the grid with its resume key, and which of
+them the results database already holds.
+
+A cell's key hashes the feature file (path as given and content sha256),
+head, loss, sampler, seed, the cell's resolved params and the train settings
+(not the device), so a changed setting never reuses an old result and a
+rerun skips exactly the finished cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from decouple.errors import FeatureFileError
+from decouple.features import read_train_counts
+from decouple.provenance import file_sha256
+from decouple.stage_two.cells import Cell
+from decouple.stage_two.config import TrainConfig
+from decouple.study.config import FeatureSpec, SweepConfig, check_cells, sha256_json
+from decouple.study.grid import train_identity
+from decouple.study.store import ResultStore
+from decouple.study.yaml_lines import ConfigPlaces
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One cell of a sweep with its resume key."""
+
+    spec: FeatureSpec
+    cell: Cell  # validated
+    key: str
+
+    @property
+    def identity(self) -> Tuple[str, str, Optional[str], Optional[str], int]:
+        return (self.spec.path, self.cell.head, self.cell.loss, self.cell.sampler, self.cell.seed)
+
+    @property
+    def label(self) -> str:
+        parts = [self.spec.name, self.cell.head, self.cell.loss, self.cell.sampler, f"seed {self.cell.seed}"]
+        return " / ".join(part for part in parts if part)
+
+
+@dataclass
+class SweepPlan:
+    """Every cell of a sweep, which of them the database already holds, and
+    the settings they are trained with."""
+
+    config: SweepConfig
+    db: str
+    train: TrainConfig
+    cells: List[PlannedCell]
+    finished: List[PlannedCell]
+    pending: List[PlannedCell]
+    feature_sha256: Dict[str, str]
+
+
+def cell_key(cell: Cell, spec: FeatureSpec, features_sha256: str, train: TrainConfig) -> str:
+    """The resume key of one cell: what it computes, nothing about how fast."""
+    train_fields = train_identity(cell.head, dataclasses.asdict(train))
+    return sha256_json(
+        {
+            "features": spec.path,
+            "features_sha256": features_sha256,
+            "head": cell.head,
+            "loss": cell.loss,
+            "sampler": cell.sampler,
+            "seed": cell.seed,
+            "params": {name: dict(values) for name, values in dict(cell.params).items()},
+            "train": train_fields,
+        }
+    )
+
+
+def check_feature_files(config: SweepConfig) -> None:
+    """Every feature file must exist before the first cell runs."""
+    places = ConfigPlaces(config.source, dict(config.lines))
+    for index, spec in enumerate(config.features):
+        path = Path(spec.path)
+        if not path.exists():
+            raise places.error(
+                ("features", index), f"{spec.path}: no such feature file (make it with `decouple extract`)",
+                FeatureFileError,
+            )
+        if not path.is_file():
+            raise places.error(("features", index), f"{spec.path}: is not a file", FeatureFileError)
+
+
+def plan_sweep(
+    config: SweepConfig, *, db: Optional[str] = None, train_overrides: Optional[Mapping[str, Any]] = None
+) -> SweepPlan:
+    """Check the feature files, key every cell and look up the finished ones."""
+    check_feature_files(config)
+    train = config.train_config(**dict(train_overrides or {}))
+    places = ConfigPlaces(config.source, dict(config.lines))
+    for spec in config.features:
+        check_cells(places, config, class_counts=read_train_counts(spec.path), features=spec.path, train=train)
+    db_path = db or config.db
+    hashes = {spec.path: file_sha256(spec.path) for spec in config.features}
+    cells = [
+        PlannedCell(spec=spec, cell=cell, key=cell_key(cell, spec, hashes[spec.path], train))
+        for spec, cell in config.cells()
+    ]
+    finished_keys = set()
+    if Path(db_path).exists():
+        with ResultStore.open_existing(db_path) as store:
+            finished_keys = store.finished_keys()
+    finished = [planned for planned in cells if planned.key in finished_keys]
+    pending = [planned for planned in cells if planned.key not in finished_keys]
+    return SweepPlan(
+        config=config, db=db_path, train=train, cells=cells, finished=finished, pending=pending,
+        feature_sha256=hashes,
+    )
