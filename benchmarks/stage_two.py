@@ -5,7 +5,7 @@ imbalance_factor=100)``: 10,847 x 2048 float32 training features over 100
 classes (exponential profile), balanced val and test.
 
 1. One linear head, cross-entropy, instance sampling, the default budget
-   (28 epochs of 22 steps here), through :func:`decouple.stage_two.fit.train_heads`
+   (28 epochs of 22 steps here), through :func:`decouple.stage_two.trainer.train_heads`
    (standardisation, cosine schedule, val scoring after every epoch and
    epoch choice included) beside a bare loop doing the same training (same
    batches from the same sampler, ``nn.Linear``, the same optimizer with

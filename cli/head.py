@@ -15,7 +15,7 @@ from cli.options import (
     shot_threshold_options,
 )
 
-# decouple.stage_two.fit.PRECISIONS, spelled out so that --help imports no numpy.
+# decouple.stage_two.config.PRECISIONS, spelled out so that --help imports no numpy.
 PRECISIONS = ("float32", "bfloat16", "auto")
 
 

@@ -64,12 +64,13 @@ class Registry:
         """Return ``name`` if registered, else raise a helpful UnknownNameError."""
         if name in self._entries:
             return name
-        known = ", ".join(self._entries)
-        hint = did_you_mean(name, self._entries)
         prefix = f"{where}: " if where else ""
-        raise UnknownNameError(
-            f"{prefix}unknown {self.kind} {name!r}{hint}; known {self.plural}: {known}"
-        )
+        raise UnknownNameError(prefix + self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        """"unknown loss 'focall' (did you mean 'focal'?); known losses: ..."."""
+        hint = did_you_mean(name, self._entries)
+        return f"unknown {self.kind} {name!r}{hint}; known {self.plural}: {', '.join(self._entries)}"
 
     def get(self, name: str, *, where: str = "") -> Callable[..., Any]:
         """The factory registered as ``name``."""

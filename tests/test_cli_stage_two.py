@@ -82,7 +82,7 @@ def test_list_prints_one_line_per_entry():
 def test_list_losses_names_ldams_scale_for_every_head_family():
     from decouple.stage_two.heads import HEADS, head_families
 
-    trainable = {name: HEADS.get(name).family for name in HEADS.names() if HEADS.get(name).trainable}
+    trainable = {name: HEADS.get(name).logit_family for name in HEADS.names() if HEADS.get(name).trainable}
     assert trainable == {name: family for family, members in head_families().items() for name in members if name in HEADS.names()}
     assert head_families()["linear"][-1] == "stage one"
     ldam = next(line for line in _run(["list", "losses"]).splitlines() if line.startswith("ldam"))

@@ -7,7 +7,7 @@ decodes them (:meth:`Source.decodes`, :meth:`Source.load_image`). A new
 source is one class with ``@register_source("name")`` and no edit elsewhere.
 Detection tries the newest registration first, so a new, more specific source
 wins over the general ones registered before it (``image_folder`` takes any
-folder and is registered first).
+folder and is registered before ``split_folders`` and ``cifar``).
 """
 
 from __future__ import annotations
@@ -330,8 +330,9 @@ def load_source(path: PathLike, *, source: str = "auto") -> SourceData:
 
 
 def decoder_for(ref: str) -> Union[Type[Source], Type[ImageFiles]]:
-    """The source that decodes ``ref``, else :class:`ImageFiles` (a plain image file)."""
-    for name in SOURCES:
+    """The source that decodes ``ref``, else :class:`ImageFiles` (a plain image
+    file); asked newest registered first, as :func:`detect_source` is."""
+    for name in reversed(SOURCES.names()):
         if source_class(name).decodes(ref):
             return source_class(name)
     return ImageFiles

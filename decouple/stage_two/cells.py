@@ -13,7 +13,7 @@ from decouple.errors import ConfigError
 from decouple.provenance import jsonable
 from decouple.stage_two.heads import HEADS
 from decouple.stage_two.losses import LOSSES
-from decouple.stage_two.samplers import SAMPLERS
+from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def method_params(cell: Cell) -> Dict[str, Dict[str, Any]]:
         # One entry serves both: each takes the keys it accepts.
         given = dict(cell.params.get(cell.loss, {}))
         loss_keys = _accepts(LOSSES, cell.loss) - {"class_counts"}
-        sampler_keys = _accepts(SAMPLERS, cell.sampler) - {"labels", "total_epochs", "seed", "num_samples"}
+        sampler_keys = _accepts(SAMPLERS, cell.sampler) - set(SAMPLER_HOUSEKEEPING)
         unknown = sorted(set(given) - loss_keys - sampler_keys)
         if unknown:
             raise ConfigError(

@@ -41,9 +41,10 @@ class TrainConfig:
     budget for a file; results record the resolved ``epochs``.
 
     **Objective and optimiser.** Features are standardised with train
-    statistics (see :class:`PreparedData`); the linear family minimises the
-    loss plus ``weight_decay`` / 2 * ||W||^2 (the bias is not penalised), the
-    cosine family the loss alone (its weights are normalised). ``optimizer``
+    statistics (:class:`~decouple.stage_two.trainer.PreparedData`); the
+    linear family minimises the loss plus ``weight_decay`` / 2 * ||W||^2
+    (the bias is not penalised), the cosine family the loss alone (its
+    weights are normalised). ``optimizer``
     "adam" (the default; its per-coordinate steps reach the rare classes'
     weights, which plain SGD moves by a step proportional to their
     frequency) or "sgd" (momentum) add the penalty to the gradient, so both
@@ -56,8 +57,8 @@ class TrainConfig:
     metrics (many > 100, few < 20 training images by default).
 
     **Precision** of the fused trainer's two large matrix products per step
-    (the logits and the weight gradient, see :func:`train_heads`):
-    "float32"; "bfloat16" (mixed precision: weights, optimiser state, losses
+    (the logits and the weight gradient,
+    :func:`~decouple.stage_two.trainer.train_heads`): "float32"; "bfloat16" (mixed precision: weights, optimiser state, losses
     and reported scores stay float32); or "auto" (the default): bfloat16 on
     a CUDA GPU with native bf16, float32 everywhere else, so that on any CPU
     the same seed gives the same numbers whatever its instruction set. On a

@@ -117,7 +117,7 @@ def fit_cells(
     """Fit every cell on ``feature_set`` and score every split but train.
 
     Gradient-trained cells sharing (sampler, sampler settings, seed, the
-    head's ``family_key``) train in one fused pass; cells whose weights
+    head's ``fusion_key``) train in one fused pass; cells whose weights
     would be identical (e.g. linear, tau_norm and lws with the same loss)
     share them. A fused pass's wall time is shared equally by the weights it
     trains. ``on_result`` is called with each result as it is ready; the
@@ -133,7 +133,7 @@ def fit_cells(
         for plan in plans:
             if plan.head.trainable:
                 key = (plan.cell.sampler, freeze_settings(plan.settings["sampler"]), plan.cell.seed,
-                       plan.head.family_key())
+                       plan.head.fusion_key())
                 groups.setdefault(key, []).append(plan)
                 continue
             start = time.perf_counter()

@@ -11,9 +11,9 @@ Two kinds of head:
   trained by gradient descent with a long-tailed loss and a re-sampler, by
   the fused trainer of :mod:`decouple.stage_two.trainer`. A trainable head
   declares what that trainer needs: its :class:`WeightFamily` (parameters,
-  inputs and logit function; :meth:`TrainableHead.weight_family`), the key
-  under which heads share one fused pass (:meth:`TrainableHead.family_key`)
-  and its post-fit step (:meth:`TrainableHead.finish`). tau_norm and lws
+  inputs and logit function; :meth:`TrainableHead.weight_family`) and its
+  post-fit step (:meth:`TrainableHead.finish`); heads that build the same
+  family share one fused pass (:meth:`TrainableHead.fusion_key`). tau_norm and lws
   are post-fit steps on the linear family's weights, so
   :func:`decouple.stage_two.fit.fit_cells` trains those once for all three.
 * **training-free** (ncm, knn) take no loss or sampler and search a FAISS
@@ -41,7 +41,7 @@ from decouple.errors import ConfigError
 from decouple.registry import Registry
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.losses import LOSSES, STAGE_ONE, create_loss, family_settings
-from decouple.stage_two.samplers import SAMPLERS, create_sampler
+from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS, create_sampler
 from decouple.stage_two.trainer import (
     FEATURE_NORM,
     PreparedData,
@@ -55,8 +55,6 @@ from decouple.stage_two.trainer import (
 HEADS = Registry("head")
 register_head = HEADS.register
 
-# Sampler constructor arguments that stage two sets itself, not the user.
-_SAMPLER_HOUSEKEEPING = {"labels", "total_epochs", "seed", "num_samples", "num_classes"}
 
 
 def create_head(name: str, **params: Any) -> "Head":
@@ -76,7 +74,7 @@ def head_families() -> Dict[str, Tuple[str, ...]]:
     for name in HEADS:
         head_class = HEADS.get(name)
         if head_class.trainable:
-            families[head_class.family] = families.get(head_class.family, ()) + (name,)
+            families[head_class.logit_family] = families.get(head_class.logit_family, ()) + (name,)
     families["linear"] = families.get("linear", ()) + (STAGE_ONE,)
     return families
 
@@ -219,23 +217,26 @@ class TrainableHead(Head):
     """A head trained by the fused trainer of :mod:`decouple.stage_two.trainer`.
 
     A subclass declares what the trainer needs and nothing else:
-    :meth:`weight_family` (what is trained), :meth:`family_key` (heads with
-    equal keys share one fused pass) and :meth:`finish` (the post-fit step
-    from the trained parameters to ``coef_``, ``tau_``, ...). Registering
-    it with ``@register_head`` is all it takes to sweep it.
+    :meth:`weight_family` (what is trained), :meth:`finish` (the post-fit
+    step from the trained parameters to ``coef_``, ``tau_``, ...) and, where
+    its losses' settings differ by logit family, ``logit_family``.
+    Registering it with ``@register_head`` is all it takes to sweep it.
     """
 
     trainable = True
-    #: Which losses' settings apply to its logits (losses.LOGIT_FAMILIES):
-    #: "linear" (W x + b) or "cosine" (cos(x, w) in [-1, 1]).
-    family: str = "linear"
+    #: The family of its logits, which picks the losses' settings
+    #: (losses.LOGIT_FAMILIES): "linear" (W x + b) or "cosine" (cos(x, w)).
+    logit_family: str = "linear"
 
     # -- what the fused trainer needs to know ------------------------------
 
-    def family_key(self) -> Tuple:
-        """Heads with equal keys are trained in one fused pass (and share the
-        weights of equal losses)."""
-        return (self.family,)
+    def fusion_key(self) -> Tuple:
+        """Heads with equal keys train in one fused pass (and share the
+        weights of equal losses): by default the implementation of
+        :meth:`weight_family`, so the heads that inherit it (linear, tau_norm,
+        lws) share one pass, and a head that builds its own family never
+        joins another's."""
+        return (type(self).weight_family,)
 
     def weight_family(self, losses: Sequence[Any]) -> WeightFamily:
         """The :class:`WeightFamily` that trains this head's weights, one
@@ -247,7 +248,7 @@ class TrainableHead(Head):
         defaults for this head's family and for a head on fixed features
         (LDAM's scale s and re-weighting start, see
         :func:`decouple.stage_two.losses.family_settings`)."""
-        return family_settings(loss, self.family, dict(given), fixed_features=True)
+        return family_settings(loss, self.logit_family, dict(given), fixed_features=True)
 
     def check_settings(
         self,
@@ -325,7 +326,7 @@ class TrainableHead(Head):
         resolved_loss = {k: v for k, v in LOSSES.parameters(loss).items() if k != "class_counts"}
         resolved_loss.update(self.training_loss_params(loss, loss_params))
         resolved_sampler = {
-            k: v for k, v in SAMPLERS.parameters(sampler).items() if k not in _SAMPLER_HOUSEKEEPING
+            k: v for k, v in SAMPLERS.parameters(sampler).items() if k not in SAMPLER_HOUSEKEEPING
         }
         resolved_sampler.update(sampler_params)
         self.loss_ = loss
@@ -396,13 +397,13 @@ class CosineHead(TrainableHead):
     where cosines barely separate the classes.
     """
 
-    family = "cosine"
+    logit_family = "cosine"
 
     def __init__(self, scale: float = 16.0) -> None:
         self.scale = scale
 
-    def family_key(self) -> Tuple:
-        return (self.family, float(self.scale))
+    def fusion_key(self) -> Tuple:
+        return super().fusion_key() + (float(self.scale),)
 
     def weight_family(self, losses: Sequence[Any]) -> WeightFamily:
         return CosineFamily([self.training_logit_scale(loss) for loss in losses])

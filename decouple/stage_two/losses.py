@@ -39,9 +39,9 @@ from decouple.registry import Registry
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
 
-#: How a classifier computes its logits, which decides some losses' settings:
-#: "linear", W x + b; "cosine", cos(x, w) in [-1, 1]. Each head class names
-#: its ``family``; stage one's network is linear.
+#: How a classifier computes its logits, which decides some losses' settings
+#: (``family_defaults``): "linear", W x + b; "cosine", cos(x, w) in [-1, 1].
+#: Each head class names its ``logit_family``; stage one's network is linear.
 LOGIT_FAMILIES = ("linear", "cosine")
 #: Stage one's classifier, listed with the heads of its family.
 STAGE_ONE = "stage one"
@@ -244,11 +244,10 @@ class LongTailLoss(nn.Module):
 def family_settings(
     name: str, family: str, given: Optional[Dict[str, Any]] = None, *, fixed_features: bool = False
 ) -> Dict[str, Any]:
-    """Settings of loss ``name`` on a head of ``family`` (LOGIT_FAMILIES): the
-    family's defaults (``family_defaults``), then, for a head trained on fixed
-    features (stage two), the loss's ``head_defaults``, overridden by ``given``."""
-    if family not in LOGIT_FAMILIES:
-        raise ConfigError(f"head family must be one of {', '.join(LOGIT_FAMILIES)}; got {family!r}")
+    """Settings of loss ``name`` on a head of logit family ``family``
+    (LOGIT_FAMILIES): the family's defaults (``family_defaults``; none for a
+    family no loss names), then, for a head trained on fixed features (stage
+    two), the loss's ``head_defaults``, overridden by ``given``."""
     loss_class = LOSSES.get(name)
     settings = dict(getattr(loss_class, "family_defaults", {}).get(family, {}))
     if fixed_features:

@@ -33,6 +33,8 @@ from decouple.registry import Registry
 
 SAMPLERS = Registry("sampler")
 register_sampler = SAMPLERS.register
+#: Sampler constructor arguments that stage two sets itself, not the user.
+SAMPLER_HOUSEKEEPING = ("labels", "total_epochs", "seed", "num_samples", "num_classes")
 
 LabelsLike = Union[np.ndarray, Sequence[int], Tensor]
 

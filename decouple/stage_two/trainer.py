@@ -123,11 +123,6 @@ class PreparedData:
             device=device,
         )
 
-    def standardize(self, features: np.ndarray):
-        """(features - mean) * scale as a tensor on the device, (N, D)."""
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=self.device)
-        return (x - self.mean).mul_(self.scale)
-
     def normalized(self, which: str):
         """The standardised rows of train ("train") or val ("val") scaled to
         unit L2 norm, (N, D): the cosine family's inputs; computed once."""

@@ -42,7 +42,7 @@ from decouple.stage_two.cells import Cell, method_params, validate_cell
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.heads import HEADS, create_head
 from decouple.stage_two.losses import LOSSES
-from decouple.stage_two.samplers import SAMPLERS
+from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS
 from decouple.study.grid import cell_params, head_takes_loss, loss_sampler_pairs
 from decouple.study.yaml_lines import ConfigPlaces, KeyPath, parse_yaml
 
@@ -105,11 +105,11 @@ class SweepConfig:
         return sha256_json(self.to_json())
 
     def train_config(self, **overrides: Any) -> TrainConfig:
-        """The :class:`~decouple.stage_two.fit.TrainConfig` of ``train:`` plus ``overrides``."""
+        """The :class:`~decouple.stage_two.config.TrainConfig` of ``train:`` plus ``overrides``."""
         return TrainConfig(**{**dict(self.train), **overrides}).validated()
 
     def cells(self) -> List[Tuple[FeatureSpec, Cell]]:
-        """(feature spec, validated :class:`~decouple.stage_two.fit.Cell`) for every cell
+        """(feature spec, validated :class:`~decouple.stage_two.cells.Cell`) for every cell
         of the grid, in order: feature file, seed, head, loss, sampler."""
         planned = []
         for spec in self.features:
@@ -273,7 +273,7 @@ def _grid_names(
         if not isinstance(name, str):
             raise places.error(where, f"must be a {registry.kind} name; got {name!r}")
         if name not in registry:
-            raise places.error(where, _unknown_name(registry, name))
+            raise places.error(where, registry.unknown_message(name))
         if name in seen:
             raise places.error(where, f"{name!r} is listed twice")
         seen.append(name)
@@ -295,15 +295,6 @@ def _grid_seeds(places: ConfigPlaces, grid: Mapping) -> Tuple[int, ...]:
     return tuple(seeds)
 
 
-def _unknown_name(registry, name: str) -> str:
-    known = registry.names()
-    hint = did_you_mean(name, known)
-    plural = registry.plural
-    if plural.endswith("ss"):  # Registry("loss") without plural="losses"
-        plural = registry.kind + "es"
-    return f"unknown {registry.kind} {name!r}{hint}; known {plural}: {', '.join(known)}"
-
-
 def method_parameters(name: str) -> Dict[str, Any]:
     """Settings ``params: {name: {...}}`` accepts for method ``name`` (a loss,
     sampler or head; a name that is both, like class_balanced, takes either's)."""
@@ -312,7 +303,7 @@ def method_parameters(name: str) -> Dict[str, Any]:
         if name in registry:
             accepted.update(registry.parameters(name))
     # Filled in from the data or by stage two, never by the config.
-    for housekeeping in ("class_counts", "labels", "total_epochs", "seed", "num_samples", "num_classes"):
+    for housekeeping in ("class_counts", *SAMPLER_HOUSEKEEPING):
         accepted.pop(housekeeping, None)
     return accepted
 
