@@ -19,9 +19,8 @@ The options travel as one validated :class:`SplitOptions`; the result is a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,25 +84,35 @@ def stratified_carve(
 
 
 def long_tail_counts(
-    pool_counts: np.ndarray, imbalance: float, *, n_max: Optional[int] = None, reserve: int = 0
+    pool_counts: np.ndarray,
+    imbalance: float,
+    *,
+    n_max: Optional[int] = None,
+    reserve: int = 0,
+    class_names: Optional[Sequence[str]] = None,
 ) -> np.ndarray:
     """Training counts (C,) on the exponential profile (Cao et al. 2019).
 
     ``n_max`` defaults to the largest value for which every class i still has
     ``reserve`` images beyond n_i. Raises DataError naming the first class
-    whose pool is too small.
+    whose pool is too small (by its name in ``class_names`` when given, else
+    its index).
     """
     pool_counts = np.asarray(pool_counts, dtype=np.int64)
     num_classes = len(pool_counts)
     if imbalance < 1:
         raise ConfigError(f"--imbalance must be >= 1; got {imbalance}")
+
+    def named(c: int) -> str:
+        return repr(class_names[c]) if class_names is not None else str(c)
+
     if n_max is None:
         ratios = (1.0 / imbalance) ** (np.arange(num_classes) / max(num_classes - 1, 1))
         n_max = int(np.floor(np.min((pool_counts - reserve) / ratios) + 1e-9))
         if n_max < 1:
             short = int(np.argmin(pool_counts))
             raise DataError(
-                f"class {short} has {pool_counts[short]} images; the profile needs at least "
+                f"class {named(short)} has {pool_counts[short]} images; the profile needs at least "
                 f"{reserve + 1} ({reserve} for val)"
             )
     counts = exponential_counts(int(n_max), num_classes, imbalance)
@@ -112,7 +121,7 @@ def long_tail_counts(
     if len(short):
         c = int(short[0])
         raise DataError(
-            f"class {c} has {pool_counts[c]} images; the profile (n_max={n_max}, imbalance {imbalance:g}) "
+            f"class {named(c)} has {pool_counts[c]} images; the profile (n_max={n_max}, imbalance {imbalance:g}) "
             f"asks {counts[c]}" + (f" plus {reserve} for val" if reserve else "")
         )
     return counts
@@ -131,14 +140,14 @@ def _check_every_class_trains(data: SourceData, splits: Dict[str, SplitItems]) -
 
 
 def _profile_counts(data: SourceData, train: SplitItems, options: SplitOptions, reserve: int) -> np.ndarray:
-    """:func:`long_tail_counts` of the training pool, its errors naming the class and the flags."""
+    """:func:`long_tail_counts` of the training pool, its errors naming the source, the class and the flags."""
     pool_counts = np.bincount(train.labels, minlength=len(data.class_names))
     try:
-        return long_tail_counts(pool_counts, options.imbalance, n_max=options.n_max, reserve=reserve)
+        return long_tail_counts(
+            pool_counts, options.imbalance, n_max=options.n_max, reserve=reserve, class_names=data.class_names
+        )
     except DataError as exc:
-        match = re.match(r"class (\d+) (.*)", str(exc))
-        text = f"class {data.class_names[int(match.group(1))]!r} {match.group(2)}" if match else str(exc)
-        raise DataError(f"{data.location}: {text}; lower --n-max, --imbalance or --val-per-class") from None
+        raise DataError(f"{data.location}: {exc}; lower --n-max, --imbalance or --val-per-class") from None
 
 
 def _subsample_long_tail(data: SourceData, splits: Dict[str, SplitItems], options: SplitOptions) -> Dict[str, Any]:

@@ -159,19 +159,11 @@ class SummaryTable:
 
     @property
     def splits(self) -> List[str]:
-        seen: List[str] = []
-        for split, _ in self.columns:
-            if split not in seen:
-                seen.append(split)
-        return seen
+        return list(dict.fromkeys(split for split, _ in self.columns))
 
     @property
     def metrics(self) -> List[str]:
-        seen: List[str] = []
-        for _, metric in self.columns:
-            if metric not in seen:
-                seen.append(metric)
-        return seen
+        return list(dict.fromkeys(metric for _, metric in self.columns))
 
 
 def method_of(record: CellRecord) -> Dict[str, Optional[str]]:
