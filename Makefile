@@ -34,6 +34,8 @@ benchmarks: venv
 	$(PY) benchmarks/stage_two.py
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/stage_one.py
+	$(PY) benchmarks/predict.py
+	$(PY) benchmarks/round_trip.py
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -23,7 +23,9 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
                    "Default: per cell for csv and json, summary for markdown, latex and html.")
 @click.option("--metrics", multiple=True, metavar="LIST",
               help="Table columns, comma-separated: top1, top5, macro_f1, mean_class_acc, many, medium, few, "
-                   "many_f1, medium_f1, few_f1 (mean per-class F1 of each group) "
+                   "many_f1, medium_f1, few_f1 (mean per-class F1 of each group), "
+                   "ece, nll (calibration after temperature scaling fitted on val; lower is better; "
+                   "NLL in nats, never in %), ece_raw, nll_raw (the same before scaling) "
                    "[default: top1,macro_f1,many,medium,few].")
 @click.option("--splits", multiple=True, metavar="LIST",
               help="Evaluated splits, comma-separated, e.g. test,test_lt [default: every split but val].")
@@ -34,8 +36,8 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
 @click.option("--loss", "losses", multiple=True, metavar="NAME", help="Only this loss ('none' for ncm/knn); repeatable.")
 @click.option("--sampler", "samplers", multiple=True, metavar="NAME", help="Only this sampler; repeatable.")
 @click.option("--seed", "seeds", multiple=True, type=int, metavar="N", help="Only this seed; repeatable.")
-@click.option("--percent/--fraction", default=True, show_default=True, help="Show accuracies in % or as fractions.")
-@click.option("--digits", default=1, show_default=True, type=click.IntRange(0, 6), help="Decimals shown in tables.")
+@click.option("--percent/--fraction", default=True, show_default=True, help="Show accuracies (and ECE) in % or as fractions; NLL is shown in nats either way.")
+@click.option("--digits", default=1, show_default=True, type=click.IntRange(0, 6), help="Decimals shown in tables (NLL: two more under --percent).")
 @click.option("--plots", "plots_dir", default=None, metavar="DIR",
               help="Also write per-class-accuracy and many/medium/few plots (PNG and SVG) here.")
 def export(

@@ -43,6 +43,12 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--output", default=None, metavar="results.jsonl",
               help="Append the result to this file as one JSON line.")
+@click.option("--save-model", "save_model", default=None, metavar="FILE",
+              help="Also write this head, the stage-one backbone and the preprocessing as one model file "
+                   "(`decouple predict FILE IMAGES...`).")
+@click.option("--backbone-weights", default=None, metavar="FILE",
+              help="With --save-model: the fine-tuned backbone weights, if the run's checkpoint is not "
+                   "beside the feature file.")
 def head(
     features_path: str,
     loss: Optional[str],
@@ -60,11 +66,15 @@ def head(
     few_threshold: int,
     as_json: bool,
     output: Optional[str],
+    save_model: Optional[str],
+    backbone_weights: Optional[str],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
-    from decouple.stage_two.cells import Cell
+    from decouple.deploy.save import save_cell
+    from decouple.features import read_features
+    from decouple.stage_two.cells import Cell, validate_cell
     from decouple.stage_two.config import TrainConfig
-    from decouple.stage_two.fit import fit_file
+    from decouple.stage_two.fit import fit_cell
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)
@@ -74,7 +84,14 @@ def head(
         **{key: value for key, value in overrides.items() if value is not None},
     )
     check_output_path(output)
-    result = fit_file(features_path, Cell(head=head_name, loss=loss, sampler=sampler, seed=seed), train=train)
+    # Names and settings are checked before the file is read, so a typo fails at once.
+    cell = validate_cell(Cell(head=head_name, loss=loss, sampler=sampler, seed=seed))
+    train = train.validated()
+    feature_set = read_features(features_path)
+    result = fit_cell(feature_set, cell, train=train, keep_head=save_model is not None)
+    if save_model is not None:
+        saved = save_cell(feature_set, result, save_model, backbone_weights=backbone_weights)
+        click.echo(saved.describe(), err=True)
     record = result.to_json()
     if output is not None:
         append_json_line(output, record)

@@ -19,6 +19,8 @@ COMMANDS: Dict[str, str] = {
     "sweep": "cli.sweep:sweep",
     "export": "cli.export:export",
     "demo": "cli.demo:demo",
+    "save-model": "cli.save_model:save_model",
+    "predict": "cli.predict:predict",
 }
 
 
@@ -58,6 +60,8 @@ def cli() -> None:
     Stage two:  decouple head      retrain a classifier head on cached embeddings
                 decouple sweep     run a grid of heads x losses x samplers x seeds
                 decouple export    tables and plots from a sweep's results
+    Deploy:     decouple save-model  the val-best method of a sweep as one model file
+                decouple predict   classify images with a model file
     Also:       decouple demo      the whole pipeline on built-in data
                 decouple info      describe a feature file
                 decouple list      list the registered losses, samplers and heads

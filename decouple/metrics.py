@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from sklearn.metrics import f1_score
 
+from decouple.calibration import expected_calibration_error, negative_log_likelihood
+
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
 GROUPS = ("many", "medium", "few")
@@ -110,11 +112,15 @@ def evaluate(
     *,
     many_threshold: int = MANY_THRESHOLD,
     few_threshold: int = FEW_THRESHOLD,
+    temperature: float = 1.0,
 ) -> Dict[str, object]:
     """All metrics of one split: n, top1, top5, macro_f1, mean_class_acc,
     many / medium / few accuracy and many_f1 / medium_f1 / few_f1 (the mean
-    per-class F1 of each group; None when the group is empty) and per_class
-    accuracy (a list with None for classes absent from the split).
+    per-class F1 of each group; None when the group is empty), the
+    calibration of softmax(scores) (:mod:`decouple.calibration`): nll_raw
+    and ece_raw at T = 1, nll and ece at ``temperature`` (the same when it
+    is 1; all None for an empty split), and per_class accuracy (a list with
+    None for classes absent from the split).
 
     ``labels`` (N,), ``scores`` (N, C), ``train_counts`` (C,).
     """
@@ -136,6 +142,24 @@ def evaluate(
         result[name] = group_mean(class_accuracy, groups[name])
     for name in GROUPS:
         result[f"{name}_f1"] = group_mean(class_f1, groups[name])
+    result.update(_calibration(labels, scores, temperature))
     per_class: List[Optional[float]] = [_none_if_nan(value) for value in class_accuracy]
     result["per_class"] = per_class
     return result
+
+
+def _calibration(labels: np.ndarray, scores: np.ndarray, temperature: float) -> Dict[str, Optional[float]]:
+    """nll_raw, ece_raw (T = 1) and nll, ece (at ``temperature``); None for no rows."""
+    if len(labels) == 0:
+        return {"nll_raw": None, "ece_raw": None, "nll": None, "ece": None}
+    raw = {
+        "nll_raw": negative_log_likelihood(labels, scores),
+        "ece_raw": expected_calibration_error(labels, scores),
+    }
+    if float(temperature) == 1.0:
+        return {**raw, "nll": raw["nll_raw"], "ece": raw["ece_raw"]}
+    return {
+        **raw,
+        "nll": negative_log_likelihood(labels, scores, temperature),
+        "ece": expected_calibration_error(labels, scores, temperature),
+    }

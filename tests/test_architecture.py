@@ -3,8 +3,9 @@ functions of the library, and each room imports only the rooms below it.
 
 Rooms, bottom up: the shared ground (the modules at the top of
 ``decouple/``), ``stage_two``, ``stage_one`` (its fine-tuning uses stage
-two's losses and samplers), ``study``; ``cli`` sits on top and nothing in
-``decouple`` imports it.
+two's losses and samplers), ``deploy`` (a backbone and a head as one
+model), ``study`` (which saves a sweep's best cell with deploy); ``cli``
+sits on top and nothing in ``decouple`` imports it.
 """
 
 import ast
@@ -22,7 +23,8 @@ ALLOWED = {
     "shared": {"shared"},
     "stage_two": {"shared"},
     "stage_one": {"shared", "stage_two"},
-    "study": {"shared", "stage_two", "stage_one"},
+    "deploy": {"shared", "stage_two", "stage_one"},
+    "study": {"shared", "stage_two", "stage_one", "deploy"},
 }
 
 

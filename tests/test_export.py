@@ -249,3 +249,42 @@ def test_a_changed_feature_file_is_its_own_row(tmp_path):
     labels = sorted(row.label(table.row_fields) for row in table.rows)
     assert labels == [f"toy (sha256={'ab' * 6})", f"toy (sha256={'cd' * 6})"]
     assert all(row.cells == 2 for row in table.rows)
+
+
+def test_calibration_metrics_nll_unscaled_and_lowest_error_bold(tmp_path):
+    # ECE is a fraction shown in %; NLL is in nats, shown as is (two more
+    # digits under --percent); for both the lowest mean is the best.
+    path = tmp_path / "calibration.db"
+    calibration = {"ce": (0.10, 1.23456, 0.30, 2.5), "balanced_softmax": (0.05, 0.81234, 0.20, 1.5),
+                   "focal": (0.08, 0.70123, 0.25, 1.75)}
+    with ResultStore(path) as store:
+        for loss, (ece, nll, ece_raw, nll_raw) in calibration.items():
+            record = make_record("linear", loss, "instance", 0)
+            for values in record.metrics.values():
+                values.update(ece=ece, nll=nll, ece_raw=ece_raw, nll_raw=nll_raw)
+            store.insert(record)
+    result = invoke("--db", path, "--format", "markdown", "--metrics", "ece,nll")
+    assert result.exit_code == 0, result.output
+    assert "| Loss | test ECE | test NLL |" in result.output
+    assert "| ce | 10.0 | 1.235 |" in result.output
+    assert "| balanced_softmax | **5.0** | 0.812 |" in result.output  # lowest ECE, not the highest
+    assert "| focal | 8.0 | **0.701** |" in result.output  # lowest NLL, never 70.1
+    assert "values in % except NLL (mean nats per image)" in result.output
+    assert "(the lowest for ECE, NLL)" in result.output
+
+    fraction = invoke("--db", path, "--format", "markdown", "--metrics", "ece_raw,nll_raw", "--fraction")
+    assert fraction.exit_code == 0, fraction.output
+    assert "test ECE (uncal.)" in fraction.output and "test NLL (uncal.)" in fraction.output
+    assert "| balanced_softmax | **0.200** | **1.500** |" in fraction.output
+
+    latex = invoke("--db", path, "--format", "latex", "--metrics", "ece,nll")
+    assert latex.exit_code == 0 and r"balanced\_softmax & \textbf{5.0} & 0.812 \\" in latex.output
+    html = invoke("--db", path, "--format", "html", "--metrics", "nll")
+    assert html.exit_code == 0 and "<strong>0.701</strong>" in html.output
+    summary = json.loads(invoke("--db", path, "--format", "json", "--summary", "--metrics", "ece,nll").output)
+    best = {metric: [row["loss"] for row in summary["rows"] if row["metrics"]["test"][metric]["best"]]
+            for metric in ("ece", "nll")}
+    assert best == {"ece": ["balanced_softmax"], "nll": ["focal"]}
+    assert summary["rows"][0]["metrics"]["test"]["nll"]["mean"] == 1.23456  # stored values, unscaled
+    rows = list(csv.DictReader(io.StringIO(invoke("--db", path, "--format", "csv").output)))
+    assert {float(row["nll"]) for row in rows} == {1.23456, 0.81234, 0.70123}

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +25,13 @@ from decouple.stage_one.finetune import FinetuneConfig
 from decouple.stage_one.manifest import read_manifest
 from decouple.stage_one.splits import SplitOptions
 
-TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
-PER_CLASS = 20  # images per class and split taken from the tarball
+from conftest import PER_CLASS
+
 VENV_BIN = Path(sys.executable).parent
 
 
 # The CI machine's cores are shared: one intra-op thread avoids oversubscription.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="session")
-def cifar_subset(tmp_path_factory) -> Path:
-    """cifar10/{train,test}/<class>/00NN.jpg, the first PER_CLASS of each class."""
-    if not TARBALL.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{TARBALL} not present: CI must run the stage-one tests on real images")
-        pytest.skip(f"{TARBALL} not present")
-    root = tmp_path_factory.mktemp("cifar")
-    wanted = {f"{i:04d}.jpg" for i in range(PER_CLASS)}
-    with tarfile.open(TARBALL, "r:xz") as archive:
-        members = [m for m in archive if m.isfile() and Path(m.name).name in wanted]
-        archive.extractall(root, members=members, filter="data")
-    return root / "cifar10"
 
 
 def base_args(data: Path, out_dir: Path, *extra: str) -> list:

@@ -300,18 +300,18 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike, *, option: str = "--weights") -> Dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, unwrapped from common containers and the
-    ``module.`` prefix that DistributedDataParallel adds."""
+    ``module.`` prefix that DistributedDataParallel adds; errors name ``option``."""
     path = Path(path)
     if not path.is_file():
-        raise DecoupleError(f"--weights {path}: no such file")
+        raise DecoupleError(f"{option} {path}: no such file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise DecoupleError(
-            f"--weights {path}: cannot be read as a PyTorch state dict ({first})"
+            f"{option} {path}: cannot be read as a PyTorch state dict ({first})"
         ) from None
     state = loaded
     while isinstance(state, Mapping) and not _is_tensor_dict(state):
@@ -321,7 +321,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         state = inner
     if not isinstance(state, Mapping) or not _is_tensor_dict(state):
         raise DecoupleError(
-            f"--weights {path}: expected a state dict of tensors (or one under 'state_dict'/'model'); "
+            f"{option} {path}: expected a state dict of tensors (or one under 'state_dict'/'model'); "
             f"got {type(loaded).__name__}"
         )
     if all(key.startswith("module.") for key in state):

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -159,14 +159,7 @@ def _read_manifest_rows(path: Path) -> List[Tuple[str, str, str]]:
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file")
     base = path.parent.resolve()
-    rows: List[Tuple[str, str, str]] = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not "".join(row).strip() or row[0].startswith("#"):
-                continue
-            if line_number == 1 and row[0].strip().lower() == "path":
-                continue
-            rows.append(_parse_row(path, line_number, row, base))
+    rows = [_parse_row(path, line_number, row, base) for line_number, row in manifest_lines(path)]
     if not rows:
         raise DataError(f"{path}: manifest holds no rows; expected path,label[,split] lines")
     return rows
@@ -183,7 +176,22 @@ def _parse_row(path: Path, line_number: int, row: List[str], base: Path) -> Tupl
         raise DataError(
             f"{path}: line {line_number} has split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
         )
+    return resolve_ref(ref, base), label, split
+
+
+def manifest_lines(path: Path) -> Iterator[Tuple[int, List[str]]]:
+    """(line number, fields) of every data line of a manifest CSV: blank
+    lines, ``#`` comments and a ``path,...`` header skipped."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or not "".join(row).strip() or row[0].startswith("#"):
+                continue
+            if line_number == 1 and row[0].strip().lower() == "path":
+                continue
+            yield line_number, row
+
+
+def resolve_ref(ref: str, base: Path) -> str:
+    """A manifest's reference with a relative file part made relative to ``base``."""
     file_part = ref.split("#", 1)[0] if is_indexed_ref(ref) else ref
-    if not os.path.isabs(file_part):
-        ref = str(base / ref)
-    return ref, label, split
+    return ref if os.path.isabs(file_part) else str(base / ref)

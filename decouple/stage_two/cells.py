@@ -46,6 +46,9 @@ class CellResult:
     params: Dict[str, Any]
     fit_seconds: float
     metrics: Dict[str, Dict[str, Any]]
+    #: The fitted head itself, when :func:`~decouple.stage_two.fit.fit_cells`
+    #: was asked to keep it (``keep_heads``); not part of the JSON result.
+    fitted_head: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object of DESIGN.md (plain dicts, lists, numbers, strings)."""

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from decouple.features import read_features
+from decouple.calibration import DEFAULT_BINS, fit_temperature
 from decouple.metrics import evaluate
 from decouple.stage_two.cells import Cell, CellResult, freeze_settings, method_params, validate_cell
 from decouple.stage_two.config import TrainConfig
@@ -25,20 +25,33 @@ def _label_of(feature_set) -> str:
     return str(feature_set.path) if feature_set.path is not None else "<in memory>"
 
 
-def _score_head(head, feature_set, train: TrainConfig) -> Dict[str, Dict[str, Any]]:
+def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """(metrics of every split but train, calibration): a temperature is
+    fitted on the val split's scores (Guo et al. 2017; T = 1 without val)
+    and every split is scored before and after it. Each split's scores are
+    computed once."""
+    splits = feature_set.eval_splits
+    scores = {}
+    if "val" in splits:
+        val = feature_set.splits["val"]
+        scores["val"] = head.decision_function(val.features)
+        temperature, selected_on = fit_temperature(val.labels, scores["val"]), "val"
+    else:
+        temperature, selected_on = 1.0, "default"
     counts = feature_set.train_counts
     metrics = {}
-    for name in feature_set.eval_splits:
+    for name in splits:
         split = feature_set.splits[name]
-        scores = head.decision_function(split.features)
+        split_scores = scores.pop(name) if name in scores else head.decision_function(split.features)
         metrics[name] = evaluate(
             split.labels,
-            scores,
+            split_scores,
             counts,
             many_threshold=train.many_threshold,
             few_threshold=train.few_threshold,
+            temperature=temperature,
         )
-    return metrics
+    return metrics, {"temperature": temperature, "selected_on": selected_on, "bins": DEFAULT_BINS}
 
 
 @dataclass
@@ -72,18 +85,21 @@ class _Results:
     """Scores finished heads into CellResults, in the order of the cells,
     calling ``on_result`` and advancing the progress bar as each is ready."""
 
-    def __init__(self, feature_set, train: TrainConfig, count: int, on_result, progress: bool) -> None:
-        self.feature_set, self.train, self.on_result = feature_set, train, on_result
+    def __init__(self, feature_set, train: TrainConfig, count: int, on_result, progress: bool,
+                 keep_heads: bool) -> None:
+        self.feature_set, self.train, self.on_result, self.keep_heads = feature_set, train, on_result, keep_heads
         self.results: List[Optional[CellResult]] = [None] * count
         label = _label_of(feature_set)
         self.bar = tqdm(total=count, unit="cell", desc=label, leave=False) if progress else None
 
     def finish(self, plan: _Plan, seconds: float) -> None:
+        metrics, calibration = _score_head(plan.head, self.feature_set, self.train)
         params = {"head": plan.head.get_params(), **plan.head.selection_()}
         if plan.head.trainable:
             params["loss"] = plan.head.loss_params_
             params["sampler"] = plan.head.sampler_params_
             params["train"] = self.train.to_dict()
+        params["calibration"] = calibration
         result = CellResult(
             features=_label_of(self.feature_set),
             head=plan.cell.head,
@@ -92,7 +108,8 @@ class _Results:
             seed=plan.cell.seed,
             params=params,
             fit_seconds=seconds,
-            metrics=_score_head(plan.head, self.feature_set, self.train),
+            metrics=metrics,
+            fitted_head=plan.head if self.keep_heads else None,
         )
         self.results[plan.index] = result
         if self.on_result is not None:
@@ -113,6 +130,7 @@ def fit_cells(
     train: TrainConfig = TrainConfig(),
     on_result: Optional[Callable[[CellResult], None]] = None,
     progress: bool = False,
+    keep_heads: bool = False,
 ) -> List[CellResult]:
     """Fit every cell on ``feature_set`` and score every split but train.
 
@@ -121,12 +139,13 @@ def fit_cells(
     would be identical (e.g. linear, tau_norm and lws with the same loss)
     share them. A fused pass's wall time is shared equally by the weights it
     trains. ``on_result`` is called with each result as it is ready; the
-    returned list follows the order of ``cells``. All cells are validated
-    before any training starts.
+    returned list follows the order of ``cells``; with ``keep_heads`` each
+    result holds its fitted head (``fitted_head``), e.g. to save it as a
+    model. All cells are validated before any training starts.
     """
     train = train.validated().for_rows(len(feature_set.splits["train"]))
     plans = _plan_cells(feature_set, cells, train)
-    results = _Results(feature_set, train, len(plans), on_result, progress)
+    results = _Results(feature_set, train, len(plans), on_result, progress, keep_heads)
     train_split = feature_set.splits["train"]
     groups: Dict[Tuple, List[_Plan]] = {}
     try:
@@ -196,16 +215,6 @@ def _fit_group(data: PreparedData, members: List[_Plan], sampler_name: str, seed
         finish(plan, shared_seconds + time.perf_counter() - own_start)
 
 
-def fit_cell(feature_set, cell: Cell, *, train: TrainConfig = TrainConfig()) -> CellResult:
+def fit_cell(feature_set, cell: Cell, *, train: TrainConfig = TrainConfig(), keep_head: bool = False) -> CellResult:
     """Fit and score one cell (:func:`fit_cells` with a single cell)."""
-    return fit_cells(feature_set, [cell], train=train)[0]
-
-
-def fit_file(path, cell: Cell, *, train: TrainConfig = TrainConfig()) -> CellResult:
-    """Validate ``cell`` and ``train``, read the feature file at ``path`` and fit the cell.
-
-    Names and settings are checked before the file is read, so a typo fails at once.
-    """
-    cell = validate_cell(cell)
-    train = train.validated()
-    return fit_cell(read_features(path), cell, train=train)
+    return fit_cells(feature_set, [cell], train=train, keep_heads=keep_head)[0]

@@ -42,6 +42,7 @@ from decouple.registry import Registry
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.losses import LOSSES, STAGE_ONE, create_loss, family_settings
 from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS, create_sampler
+from decouple.stage_two.scorers import CosineScorer, KNNScorer, LinearScorer, NCMScorer, Scorer
 from decouple.stage_two.trainer import (
     FEATURE_NORM,
     PreparedData,
@@ -117,6 +118,11 @@ class Head:
     def selection_(self) -> Dict[str, Any]:
         """What was chosen on val (epoch, tau, ...) and on which split."""
         return {}
+
+    def scorer(self) -> Scorer:  # pragma: no cover - abstract
+        """The fitted head as a torch module, embeddings (B, D) -> the scores
+        of :meth:`decision_function` (:mod:`decouple.stage_two.scorers`)."""
+        raise NotImplementedError
 
 
 def _plain(value: Any) -> Any:
@@ -361,6 +367,9 @@ class TrainableHead(Head):
     def decision_function(self, X: Any) -> np.ndarray:
         return _as_float32(X) @ self.coef_.T + self.intercept_
 
+    def scorer(self) -> Scorer:
+        return LinearScorer(torch.from_numpy(self.coef_), torch.from_numpy(self.intercept_))
+
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "selected_on": self.selected_on_}
 
@@ -423,6 +432,14 @@ class CosineHead(TrainableHead):
     def decision_function(self, X: Any) -> np.ndarray:
         standardized = (_as_float32(X) - self.mean_) * self.scale_
         return self.logit_scale_ * (_l2_normalize(standardized) @ self.coef_.T)
+
+    def scorer(self) -> Scorer:
+        return CosineScorer(
+            torch.from_numpy(np.asarray(self.mean_, dtype=np.float32)),
+            torch.from_numpy(np.asarray(self.scale_, dtype=np.float32)),
+            torch.from_numpy(self.coef_),
+            self.logit_scale_,
+        )
 
 
 DEFAULT_TAUS = tuple(round(0.1 * index, 1) for index in range(21))
@@ -610,6 +627,9 @@ class NCMHead(SearchHead):
         np.put_along_axis(scores, ids, values, axis=1)
         return scores
 
+    def scorer(self) -> Scorer:
+        return NCMScorer(torch.from_numpy(self.means_), metric=self.metric)
+
 
 @register_head("knn")
 class KNNHead(SearchHead):
@@ -653,3 +673,12 @@ class KNNHead(SearchHead):
         rows = np.repeat(np.arange(len(queries)), k)
         np.add.at(scores, (rows, self.labels_[ids.reshape(-1)]), weights.reshape(-1))
         return (scores / scores.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def scorer(self) -> Scorer:
+        """The vote as a module holding the normalised training embeddings
+        (read back from the FAISS index, which stores them as given)."""
+        bank = self.index_.reconstruct_n(0, self.index_.ntotal)
+        return KNNScorer(
+            torch.from_numpy(bank), torch.from_numpy(self.labels_), k=int(self.k), metric=self.metric,
+            temperature=float(self.temperature), num_classes=len(self.classes_),
+        )

@@ -6,11 +6,14 @@ are written out as a 32-pixel image folder with a held-out balanced test
 split, made long-tailed by ``decouple extract --imbalance`` (Cao et al. 2019
 profile), fine-tuned with a CIFAR ResNet-32 on the CPU, and then every
 loss, sampler and head of stage two runs in one sweep; the tables and plots
-land in the output folder.
+land in the output folder. It ends as a user would: the val-best method
+saved as a model file (``decouple save-model``) classifies a handful of
+image files (``decouple predict``).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -19,6 +22,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from decouple.atomic import write_text_atomic
+from decouple.deploy.model import load_model
+from decouple.deploy.predict import PredictSummary, collect_inputs, predict_rows, write_rows
 from decouple.stage_one.extract import ExtractConfig, run_extract
 from decouple.stage_one.finetune import FinetuneConfig
 from decouple.stage_one.splits import SplitOptions
@@ -29,6 +34,7 @@ from decouple.study.config import parse_config
 from decouple.study.export import render
 from decouple.study.plots import export_plots
 from decouple.study.runner import run_sweep
+from decouple.study.select import save_best
 from decouple.study.store import CellRecord, load_records
 
 DEMO_METRICS = ("top1", "macro_f1", "many", "medium", "few")
@@ -81,18 +87,20 @@ def run_demo(
     out_dir: str = "demo_out",
     *,
     imbalance: float = 10.0,
-    finetune_epochs: int = 30,
+    finetune_epochs: int = 20,
     head_epochs: Optional[int] = None,
     seeds: Optional[List[int]] = None,
     top: int = 12,
     log: Callable[[str], None] = print,
 ) -> str:
     """Run the demo into ``out_dir``; returns a Markdown table of the ``top``
-    methods ranked on val, with their test scores.
+    methods ranked on val, with their test scores, then the saved model's
+    predictions for a handful of image files.
 
     Writes ``data/`` (the digits folder), ``features/digits_lt.h5``,
-    ``results.db``, ``results.md``, ``results.csv``, ``cells.csv`` and
-    ``plots/``. A rerun reuses the finished parts.
+    ``results.db``, ``results.md``, ``results.csv``, ``cells.csv``,
+    ``plots/``, ``model.pt`` (the val-best method), ``test_images/`` and
+    ``predictions.csv``. A rerun reuses the finished parts.
     """
     out = Path(out_dir)
     seeds = [0] if seeds is None else list(seeds)
@@ -111,11 +119,44 @@ def run_demo(
     log(str(summary))
     records = load_records(db_path)
     best_table = _write_tables_and_plots(records, out, top=top, log=log)
-    log(
+    heading = (
         f"the {top} best of {len(records)} methods by {RANK_SPLIT} {RANK_METRIC}, then the "
         f"linear / ce / instance baseline (all methods in {out / 'results.md'}):"
     )
-    return best_table
+    return heading + "\n" + best_table + "\n" + deploy_best(out, db_path, data, log=log)
+
+
+def deploy_best(out: Path, db_path: Path, data: Path, *, log: Callable[[str], None]) -> str:
+    """Save the val-best method as ``model.pt`` and classify with it one
+    held-out test image of every class, copied to ``test_images/`` as a
+    user's new images would be; returns the commands run and the predictions."""
+    model_path = out / "model.pt"
+    save_command = f"decouple save-model --db {db_path} -o {model_path}"
+    log(f"$ {save_command}")
+    saved = save_best(str(db_path), str(model_path), metric=RANK_METRIC, split=RANK_SPLIT)
+    log(saved.describe())
+    folder = out / "test_images"
+    for class_folder in sorted((data / "test").iterdir()):
+        target = folder / class_folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sorted(class_folder.iterdir())[-1], target)
+    predictions = out / "predictions.csv"
+    predict_command = f"decouple predict {model_path} {folder} -o {predictions}"
+    log(f"$ {predict_command}")
+    summary = PredictSummary()
+    model = load_model(model_path)
+    rows = list(predict_rows(model, collect_inputs([folder]), top_k=3, summary=summary))
+    write_rows(rows, predictions, format="csv", top_k=3, with_labels=False)
+    lines = [f"$ {save_command}", saved.describe().splitlines()[0], f"$ {predict_command}", str(summary),
+             "| image | predicted | probability | runner-up |", "| --- | --- | ---: | --- |"]
+    for row in rows:
+        image = Path(row["path"]).relative_to(out)
+        if row["error"]:
+            lines.append(f"| {image} | error: {row['error']} | | |")
+            continue
+        runner_up = f"{row['labels'][1]} ({100 * row['probabilities'][1]:.1f}%)" if len(row["labels"]) > 1 else ""
+        lines.append(f"| {image} | {row['labels'][0]} | {100 * row['probabilities'][0]:.1f}% | {runner_up} |")
+    return "\n".join(lines) + "\n"
 
 
 def extract_digits_features(

@@ -11,8 +11,11 @@ database.
 Summary layout: one row per method (the fields among features, head, loss
 and sampler that vary in the selection, or those named by ``rows``), one
 column per evaluated split and metric, each the mean and sample standard
-deviation over seeds; the best mean of each column is marked (bold in
-Markdown, LaTeX and HTML; ``best`` in CSV and JSON).
+deviation over seeds; the best mean of each column (the highest, or the
+lowest for the calibration errors of :data:`LOWER_IS_BETTER`) is marked
+(bold in Markdown, LaTeX and HTML; ``best`` in CSV and JSON). Tables show
+fractions in % (``--percent``) except :data:`UNSCALED_METRICS` (NLL, in
+nats), which keep their own unit at the precision a fraction would have.
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ METRIC_LABELS = {
     "top1": "Acc", "top5": "Top-5", "macro_f1": "Macro-F1", "mean_class_acc": "Mean class acc",
     "many": "Many", "medium": "Medium", "few": "Few",
     "many_f1": "Many F1", "medium_f1": "Medium F1", "few_f1": "Few F1",
+    "ece": "ECE", "nll": "NLL", "ece_raw": "ECE (uncal.)", "nll_raw": "NLL (uncal.)",
 }
+# Calibration (decouple.calibration): ece / nll after temperature scaling on
+# val, ece_raw / nll_raw before. An error: the lowest mean is the best.
+LOWER_IS_BETTER = frozenset({"ece", "nll", "ece_raw", "nll_raw"})
+# Not fractions (NLL is in nats per image): never multiplied by 100 under --percent.
+UNSCALED_METRICS = frozenset({"nll", "nll_raw"})
 NONE_TEXT = "–"
 
 
@@ -294,8 +303,9 @@ def summarize(
     method fields that label a row (default: those that vary); a field left
     out must not vary, so only seeds are ever averaged.
     ``digits`` / ``scale``: the best of a column is found on the values as
-    displayed (``round(mean * scale, digits)``), so ties at that precision
-    are all marked.
+    displayed (``round(mean * scale, digits)``, see :func:`shown_as` for
+    the metrics that are not scaled), so ties at that precision are all
+    marked.
     """
     if not records:
         raise DecoupleError("no cells match the selection; nothing to export")
@@ -358,21 +368,35 @@ def _summary_rows(
     return table_rows
 
 
+def shown_as(metric: str, scale: float, digits: Optional[int]) -> Tuple[float, Optional[int]]:
+    """(scale, digits) a metric's column is displayed with: those asked for,
+    except that a metric of :data:`UNSCALED_METRICS` keeps its unit and, in
+    %, gets two more digits (the precision of a fraction shown in %)."""
+    if metric not in UNSCALED_METRICS:
+        return scale, digits
+    if digits is None or scale == 1.0:
+        return 1.0, digits
+    return 1.0, digits + 2
+
+
 def _best_rows(
     table_rows: Sequence[SummaryRow], columns: Sequence[Tuple[str, str]], *, digits: Optional[int], scale: float
 ) -> Dict[Tuple[str, str], List[int]]:
-    """Column -> indices of the rows whose mean, as displayed, is highest
-    (columns with fewer than two means mark none)."""
+    """Column -> indices of the rows whose mean, as displayed, is best: the
+    highest, or the lowest for a metric of :data:`LOWER_IS_BETTER` (columns
+    with fewer than two means mark none)."""
     best: Dict[Tuple[str, str], List[int]] = {}
     for column in columns:
+        column_scale, column_digits = shown_as(column[1], scale, digits)
         shown = [
             None if row.stats[column].mean is None
-            else (round(row.stats[column].mean * scale, digits) if digits is not None else row.stats[column].mean)
+            else (round(row.stats[column].mean * column_scale, column_digits) if column_digits is not None
+                  else row.stats[column].mean)
             for row in table_rows
         ]
         present = [value for value in shown if value is not None]
         if len(present) >= 2:
-            top = max(present)
+            top = min(present) if column[1] in LOWER_IS_BETTER else max(present)
             best[column] = [index for index, value in enumerate(shown) if value == top]
     return best
 
@@ -384,6 +408,12 @@ def _best_rows(
 
 def _number(value: Optional[float], scale: float, digits: int) -> str:
     return NONE_TEXT if value is None else f"{value * scale:.{digits}f}"
+
+
+def _cell_text(value: Optional[float], metric: str, scale: float, digits: int) -> str:
+    """A mean or std of ``metric`` as its column shows it (:func:`shown_as`)."""
+    column_scale, column_digits = shown_as(metric, scale, digits)
+    return _number(value, column_scale, column_digits)
 
 
 def _header_label(field_name: str) -> str:
@@ -405,9 +435,9 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
         cells = [(row.method[name] or NONE_TEXT) for name in table.row_fields]
         for column in table.columns:
             stat = row.stats[column]
-            text = _number(stat.mean, scale, digits)
+            text = _cell_text(stat.mean, column[1], scale, digits)
             if stat.std is not None:
-                text += f" ± {_number(stat.std, scale, digits)}"
+                text += f" ± {_cell_text(stat.std, column[1], scale, digits)}"
             if index in table.best.get(column, ()):
                 text = f"**{text}**"
             cells.append(text)
@@ -418,8 +448,15 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
 def _footnote(table: SummaryTable, scale: float) -> str:
     seeds = sorted({row.cells for row in table.rows})
     unit = "%" if scale == 100.0 else "fraction"
+    unscaled = [_metric_label(metric) for metric in table.metrics if metric in UNSCALED_METRICS]
+    if unscaled:
+        unit += f" except {' and '.join(unscaled)} (mean nats per image)"
+    lower = [_metric_label(metric) for metric in table.metrics if metric in LOWER_IS_BETTER]
+    best = "best mean per column in bold"
+    if lower:
+        best += f" (the lowest for {', '.join(lower)})"
     seed_text = "/".join(str(count) for count in seeds)
-    return f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; best mean per column in bold."
+    return f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; {best}."
 
 
 _LATEX_SPECIAL = {
@@ -459,11 +496,11 @@ def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1)
         cells = [latex_escape(row.method[name] or "--") for name in table.row_fields]
         for column in table.columns:
             stat = row.stats[column]
-            mean = "--" if stat.mean is None else _number(stat.mean, scale, digits)
+            mean = "--" if stat.mean is None else _cell_text(stat.mean, column[1], scale, digits)
             if index in table.best.get(column, ()):
                 mean = f"\\textbf{{{mean}}}"
             if stat.std is not None:
-                mean += f"{{\\scriptsize$\\pm${_number(stat.std, scale, digits)}}}"
+                mean += f"{{\\scriptsize$\\pm${_cell_text(stat.std, column[1], scale, digits)}}}"
             cells.append(mean)
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
@@ -487,9 +524,9 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
         out += [f"<td>{esc(row.method[name] or NONE_TEXT)}</td>" for name in table.row_fields]
         for column in table.columns:
             stat = row.stats[column]
-            text = _number(stat.mean, scale, digits)
+            text = _cell_text(stat.mean, column[1], scale, digits)
             if stat.std is not None:
-                text += f" ± {_number(stat.std, scale, digits)}"
+                text += f" ± {_cell_text(stat.std, column[1], scale, digits)}"
             text = esc(text)
             if index in table.best.get(column, ()):
                 text = f"<strong>{text}</strong>"
@@ -501,8 +538,8 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
 
 def summary_csv(table: SummaryTable) -> str:
     """One row per method: row fields, seeds (the number of cells averaged),
-    then <split>_<metric>_mean / _std (fractions, full precision) and
-    <split>_<metric>_best (1 or 0)."""
+    then <split>_<metric>_mean / _std (as stored, full precision: fractions,
+    NLL in nats) and <split>_<metric>_best (1 or 0)."""
     columns = list(table.row_fields) + ["seeds"]
     for split, metric in table.columns:
         columns += [f"{split}_{metric}_mean", f"{split}_{metric}_std", f"{split}_{metric}_best"]
