@@ -70,11 +70,9 @@ def head(
     backbone_weights: Optional[str],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
-    from decouple.deploy.save import save_cell
-    from decouple.features import read_features
-    from decouple.stage_two.cells import Cell, validate_cell
+    from decouple.deploy.save import fit_head_file
+    from decouple.stage_two.cells import Cell
     from decouple.stage_two.config import TrainConfig
-    from decouple.stage_two.fit import fit_cell
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)
@@ -84,13 +82,11 @@ def head(
         **{key: value for key, value in overrides.items() if value is not None},
     )
     check_output_path(output)
-    # Names and settings are checked before the file is read, so a typo fails at once.
-    cell = validate_cell(Cell(head=head_name, loss=loss, sampler=sampler, seed=seed))
-    train = train.validated()
-    feature_set = read_features(features_path)
-    result = fit_cell(feature_set, cell, train=train, keep_head=save_model is not None)
-    if save_model is not None:
-        saved = save_cell(feature_set, result, save_model, backbone_weights=backbone_weights)
+    result, saved = fit_head_file(
+        features_path, Cell(head=head_name, loss=loss, sampler=sampler, seed=seed), train=train,
+        save_to=save_model, backbone_weights=backbone_weights,
+    )
+    if saved is not None:
         click.echo(saved.describe(), err=True)
     record = result.to_json()
     if output is not None:

@@ -14,11 +14,13 @@ import click
 @click.option("--out", "-o", default=None, metavar="FILE", help="Write the rows here (atomically) instead of stdout.")
 @click.option("--format", "format_", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
               help="csv: path, label_1, probability_1, ..., error; jsonl: one JSON object per image.")
-@click.option("--top-k", type=int, default=5, show_default=True, help="Classes listed per image, most probable first.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes listed per image, most probable first.")
 @click.option("--split", default=None, metavar="NAME", help="Only the rows of this split of a CSV manifest (e.g. test).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
-@click.option("--workers", type=int, default=0, show_default=True, help="Image-decoding processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Image-decoding processes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
 def predict(
     model_path: str, inputs: Tuple[str, ...], out: Optional[str], format_: str, top_k: int, split: Optional[str],
@@ -35,9 +37,7 @@ def predict(
     from decouple.deploy.model import load_model
     from decouple.deploy.predict import PredictSummary, collect_inputs, write_predictions
 
-    import torch
-
-    model = load_model(model_path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(model_path, device=device)
     items = collect_inputs(inputs, split=split)
     summary = PredictSummary()
     show = sys.stderr.isatty() if progress is None else progress

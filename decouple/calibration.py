@@ -66,6 +66,19 @@ def _checked(labels, scores) -> Tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64, copy=False), scores
 
 
+def calibratable(scores) -> bool:
+    """Whether ``scores`` (N, C) can be read as logits: no NaN or +inf, and a
+    finite maximum in every row (-inf entries are fine). A diverged head
+    gives scores that are not; its calibration is then not defined."""
+    scores = np.asarray(scores)
+    step = max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1)) if scores.ndim == 2 else 1
+    for start in range(0, len(scores), step):
+        top = np.asarray(scores[start:start + step], dtype=np.float64).max(axis=1)
+        if not np.all(np.isfinite(top)):
+            return False
+    return True
+
+
 def _checked_temperature(temperature: float) -> float:
     value = float(temperature)
     if not (np.isfinite(value) and value > 0):

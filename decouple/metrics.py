@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from sklearn.metrics import f1_score
 
-from decouple.calibration import expected_calibration_error, negative_log_likelihood
+from decouple.calibration import calibratable, expected_calibration_error, negative_log_likelihood
 
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
@@ -149,8 +149,9 @@ def evaluate(
 
 
 def _calibration(labels: np.ndarray, scores: np.ndarray, temperature: float) -> Dict[str, Optional[float]]:
-    """nll_raw, ece_raw (T = 1) and nll, ece (at ``temperature``); None for no rows."""
-    if len(labels) == 0:
+    """nll_raw, ece_raw (T = 1) and nll, ece (at ``temperature``); None for no
+    rows, or for scores that are no logits (NaN, +inf: a diverged head)."""
+    if len(labels) == 0 or not calibratable(scores):
         return {"nll_raw": None, "ece_raw": None, "nll": None, "ece": None}
     raw = {
         "nll_raw": negative_log_likelihood(labels, scores),

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import decouple
+import decouple.errors
 from cli.main import cli
 from decouple.deploy.model_file import FORMAT, read_model_file
 from decouple.features import read_features
@@ -292,3 +293,76 @@ def test_onnx_export_gives_the_same_logits(run, tmp_path):
     np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["decouple"])["class_names"] == model.class_names
+
+
+# --------------------------------------------------------------------------- selection and bad input, no images
+
+
+def _record(head, loss, seed, val, *, ece=0.1):
+    from decouple.study.store import CellRecord
+
+    return CellRecord(
+        cell_key=f"{head}-{loss}-{seed}", config_hash="c", features="f.h5", features_name="f", features_sha256="s",
+        head=head, loss=loss, sampler="instance", seed=seed, params={"head": {}, "loss": {}, "sampler": {}},
+        train={"precision": "float32"}, class_names=["a", "b"], train_counts=[10, 2],
+        metrics={"val": {"n": 4, "mean_class_acc": val, "ece": ece, "per_class": [val, val]},
+                 "test": {"n": 4, "mean_class_acc": 1.0 - val, "per_class": [0.0, 0.0]}},
+        fit_seconds=0.1,
+    )
+
+
+def test_selection_takes_the_best_mean_over_seeds_then_its_best_seed(monkeypatch):
+    """The single best cell (focal, seed 1) belongs to the method with the
+    worse mean; test scores, inverted here, play no part."""
+    import decouple.study.select as select
+
+    records = [_record("linear", "ce", 0, 0.80), _record("linear", "ce", 1, 0.84),
+               _record("linear", "focal", 0, 0.70), _record("linear", "focal", 1, 0.90)]
+    monkeypatch.setattr(select, "load_records", lambda db, features=None: records)
+    chosen, selection = select.select_record("db")
+    assert chosen.cell_key == "linear-ce-1"
+    assert selection["method_mean"] == pytest.approx(0.82) and selection["method_seeds"] == 2
+    assert selection["methods_compared"] == 2 and selection["goal"] == "highest"
+    records[1].metrics["val"]["ece"] = 0.01  # the lowest ECE wins when selecting on ece
+    chosen, selection = select.select_record("db", metric="ece")
+    assert chosen.cell_key == "linear-ce-1" and selection["goal"] == "lowest"
+    with pytest.raises(decouple.errors.DecoupleError, match="not a single number"):
+        select.select_record("db", metric="per_class")
+    with pytest.raises(decouple.errors.DecoupleError, match="never on test"):
+        select.select_record("db", split="test")
+
+
+def test_a_diverged_head_still_scores_without_calibration():
+    from decouple.metrics import evaluate
+
+    result = evaluate(np.array([0, 1, 2, 0]), np.full((4, 3), np.nan), np.array([50, 30, 5]))
+    assert result["top1"] is not None and result["ece"] is None and result["nll_raw"] is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta, scorer: meta["temperature"].update(value="hot"), "temperature"),
+    (lambda meta, scorer: meta["temperature"].update(value=float("inf")), "temperature"),
+    (lambda meta, scorer: meta.update(preprocess={}), "preprocess lacks"),
+    (lambda meta, scorer: meta.update(class_names=meta["class_names"][:-1]), "scores per image"),
+    (lambda meta, scorer: scorer.update(weight=scorer["weight"][:, :-1]), "does not run"),
+])
+def test_a_model_file_with_bad_contents_is_exit_2_in_one_line(run, tmp_path, damage, message):
+    archive = torch.load(run["best"], map_location="cpu", weights_only=True)
+    meta = json.loads(archive["meta"])
+    if "weight" not in archive["scorer"] and message == "does not run":
+        pytest.skip("the val-best head has no weight matrix")
+    damage(meta, archive["scorer"])
+    archive["meta"] = json.dumps(meta)
+    path = tmp_path / "damaged.pt"
+    torch.save(archive, path)
+    result = invoke(["predict", path, run["manifest"]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "\n" not in result.output.strip()
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:7"])
+def test_a_device_that_does_not_exist_is_exit_2(run, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    result = invoke(["predict", run["best"], run["manifest"], "--device", device])
+    assert result.exit_code == 2 and "--device" in result.output

@@ -14,9 +14,11 @@ for a frozen run (``--epochs 0``), the backbone rebuilt as extract built it
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -61,7 +63,9 @@ def find_backbone(
     weights, a description of where they came from, and the run's config.
 
     Every candidate is checked against the recorded ``model_sha256``; none
-    matching is a DecoupleError naming what was tried.
+    matching is a DecoupleError naming what was tried. A feature file that
+    records no ``model_sha256`` takes the first candidate that fits, and the
+    source says "unverified".
     """
     config = _run_config(feature_set)
     name = str(feature_set.backbone)
@@ -81,26 +85,30 @@ def find_backbone(
             return False
         return True
 
+    unverified = "" if expected else " (unverified: the feature file records no model_sha256)"
     if weights is not None:
         if accept(read_state_dict(weights, option="--backbone-weights"), str(weights)):
-            return model, str(weights), config
-    else:
-        for path in _checkpoint_candidates(Path(feature_set.path), config):
-            if not path.is_file():
-                continue
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # an unreadable checkpoint is one more candidate tried
-                tried.append(f"{path} (unreadable: {type(exc).__name__})")
-                continue
-            if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) and accept(
-                state["model"], f"checkpoint {path}"
-            ):
-                return model, f"checkpoint {path} (epoch {state.get('epoch')})", config
-        if int((config.get("finetune") or {}).get("epochs", -1)) == 0:
-            rebuilt = _rebuild_frozen(name, num_classes, config, tried)
-            if rebuilt is not None and accept(rebuilt.state_dict(), "the frozen backbone rebuilt"):
-                return model, _frozen_source(config), config
+            return model, str(weights) + unverified, config
+        raise DecoupleError(
+            f"--backbone-weights {weights}: not the weights the embeddings of {feature_set.path} came from "
+            f"({tried[-1]})"
+        )
+    for path in _checkpoint_candidates(Path(feature_set.path), config):
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unreadable checkpoint is one more candidate tried
+            tried.append(f"{path} (unreadable: {type(exc).__name__})")
+            continue
+        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) and accept(
+            state["model"], f"checkpoint {path}"
+        ):
+            return model, f"checkpoint {path} (epoch {state.get('epoch')})" + unverified, config
+    if int((config.get("finetune") or {}).get("epochs", -1)) == 0:
+        rebuilt = _rebuild_frozen(name, num_classes, config, tried)
+        if rebuilt is not None and accept(rebuilt.state_dict(), "the frozen backbone rebuilt"):
+            return model, _frozen_source(config) + unverified, config
     listing = "; ".join(tried) or "no checkpoint beside the feature file"
     raise DecoupleError(
         f"{feature_set.path}: the backbone weights its embeddings came from were not found (tried: {listing}); "
@@ -109,15 +117,21 @@ def find_backbone(
 
 
 def _rebuild_frozen(name: str, num_classes: int, config: Mapping[str, Any], tried: List[str]) -> Optional[nn.Module]:
-    """A frozen run's backbone, built as ``decouple extract`` built it."""
-    seed_everything(int(config.get("seed", 0)), 0)
+    """A frozen run's backbone, built as ``decouple extract`` built it (same
+    seed); the caller's random states are left as they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        model, _ = create_backbone(
-            name, num_classes=num_classes, pretrained=bool(config.get("pretrained")), weights=config.get("weights")
-        )
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(int(config.get("seed", 0)), 0)
+            model, _ = create_backbone(
+                name, num_classes=num_classes, pretrained=bool(config.get("pretrained")), weights=config.get("weights")
+            )
     except DecoupleError as exc:
         tried.append(f"the frozen backbone rebuilt ({exc})")
         return None
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     return model
 
 
@@ -140,12 +154,14 @@ def build_model_file(
     *,
     selection: Mapping[str, Any],
     backbone_weights: Optional[PathLike] = None,
+    backbone: Optional[Tuple[nn.Module, str, Dict[str, Any]]] = None,
 ) -> ModelFile:
-    """The model file of ``result`` (fitted with ``keep_head``) on ``feature_set``."""
+    """The model file of ``result`` (fitted with ``keep_head``) on ``feature_set``;
+    ``backbone``: what :func:`find_backbone` returned, if already found."""
     head = result.fitted_head
     if head is None:
         raise ValueError("the cell result holds no fitted head: fit it with keep_head=True")
-    model, weights_source, config = find_backbone(feature_set, weights=backbone_weights)
+    model, weights_source, config = backbone or find_backbone(feature_set, weights=backbone_weights)
     scorer = head.scorer()
     calibration = dict(result.params.get("calibration") or {"temperature": 1.0, "selected_on": "default"})
     meta = {

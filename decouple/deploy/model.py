@@ -4,6 +4,7 @@ temperature in one ``nn.Module`` (:class:`DecoupleModel`), and
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -78,19 +79,52 @@ def model_from_file(model_file: ModelFile, *, source: str = "<in memory>") -> De
         scorer = rebuild_scorer(str(scorer_meta["name"]), model_file.scorer, scorer_meta.get("settings", {}))
     except (DecoupleError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{source}: the head cannot be rebuilt ({exc})") from None
+    temperature = meta["temperature"].get("value") if isinstance(meta["temperature"], dict) else None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ModelFileError(f"{source}: model file meta.temperature.value must be a finite number > 0; got {temperature!r}")
+    preprocess = meta["preprocess"]
+    missing = [key for key in ("input_size", "mean", "std") if not isinstance(preprocess, dict) or key not in preprocess]
+    if missing:
+        raise ModelFileError(f"{source}: model file meta.preprocess lacks {', '.join(missing)}")
     model = DecoupleModel(
-        backbone,
-        scorer,
-        temperature=float(meta["temperature"]["value"]),
-        class_names=meta["class_names"],
-        preprocess=meta["preprocess"],
+        backbone, scorer, temperature=float(temperature), class_names=meta["class_names"], preprocess=preprocess,
         meta=meta,
-    )
-    return model.eval()
+    ).eval()
+    _check_runs(model, source)
+    return model
 
 
-def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> DecoupleModel:
+def _check_runs(model: DecoupleModel, source: str) -> None:
+    """One blank image through the model: it must give one score per class name."""
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *model.input_size))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelFileError(f"{source}: the model does not run on a {model.input_size} image ({reason})") from None
+    if tuple(logits.shape) != (1, len(model.class_names)):
+        raise ModelFileError(
+            f"{source}: the model gives {logits.shape[-1]} scores per image for {len(model.class_names)} class names"
+        )
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a torch.device ("cuda" if available, else "cpu", when None); a
+    device that does not exist here is a DecoupleError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DecoupleError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
+        raise DecoupleError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return resolved
+
+
+def load_model(path: PathLike, *, device: Union[str, torch.device, None] = "cpu") -> DecoupleModel:
     """The classifier saved by ``decouple save-model`` (or ``head --save-model``),
-    in eval mode on ``device``. Reads with ``torch.load(weights_only=True)``;
-    needs neither timm's hub nor the internet."""
-    return model_from_file(read_model_file(path), source=str(path)).to(device)
+    in eval mode on ``device`` (None: a GPU when there is one). Reads with
+    ``torch.load(weights_only=True)``; needs neither timm's hub nor the internet."""
+    resolved = resolve_device(device)
+    return model_from_file(read_model_file(path), source=str(path)).to(resolved)

@@ -11,6 +11,7 @@ metadata property ``decouple``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import warnings
@@ -90,5 +91,6 @@ def export_portable(model: DecoupleModel, path, *, format: str) -> Path:
     """Write ``model`` to ``path`` in ``format`` (``EXPORTS``: torchscript, onnx), atomically."""
     export: Callable[[DecoupleModel, Path], None] = EXPORTS.get(format, where="--format")
     path = Path(path)
-    export(model.cpu(), path)
+    on_cpu = model if model.temperature.device.type == "cpu" else copy.deepcopy(model).cpu()
+    export(on_cpu, path)
     return path

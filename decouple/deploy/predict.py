@@ -79,6 +79,12 @@ def read_input_manifest(path: Path, *, split: Optional[str] = None) -> List[Inpu
     return inputs
 
 
+def _check_options(*, top_k: int, batch_size: int) -> None:
+    for name, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DecoupleError(f"{name} must be an integer >= 1; got {value!r}")
+
+
 def check_labels(model: DecoupleModel, inputs: Sequence[Any]) -> None:
     """A manifest's labels must be the model's class names (else every
     comparison would silently count as wrong)."""
@@ -154,10 +160,7 @@ def predict_rows(
     ``inputs`` are :class:`Input` or PIL images. The model runs on
     ``device`` if given (it is moved there), else where it is.
     ``summary`` is updated as rows go."""
-    if top_k < 1:
-        raise DecoupleError(f"--top-k must be >= 1; got {top_k}")
-    if batch_size < 1:
-        raise DecoupleError(f"--batch-size must be >= 1; got {batch_size}")
+    _check_options(top_k=top_k, batch_size=batch_size)
     if device is not None:
         model = model.to(device)
     device = model.temperature.device
@@ -279,7 +282,8 @@ def write_predictions(
     """Classify ``inputs`` and write a row per image (:func:`write_rows`);
     ``options`` go to :func:`predict_rows`."""
     summary = summary if summary is not None else PredictSummary()
-    check_labels(model, inputs)  # before anything is written
+    _check_options(top_k=top_k, batch_size=options.get("batch_size", 64))  # before anything is written
+    check_labels(model, inputs)
     with_labels = any(getattr(item, "label", None) is not None for item in inputs)
     rows = predict_rows(model, inputs, top_k=top_k, summary=summary, **options)
     write_rows(rows, out, format=format, top_k=min(int(top_k), len(model.class_names)), with_labels=with_labels)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-from decouple.deploy.build import build_model_file
+from decouple.deploy.build import build_model_file, find_backbone
 from decouple.deploy.model import model_from_file
 from decouple.deploy.model_file import ModelFile, PathLike, write_model_file
 from decouple.deploy.portable import EXPORTS, export_portable
 from decouple.errors import DecoupleError
-from decouple.stage_two.cells import CellResult
+from decouple.features import read_features
+from decouple.stage_two.cells import Cell, CellResult, validate_cell
+from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.fit import fit_cell
 
 #: ``decouple`` (the model file that ``decouple predict`` reads) or a portable format.
 MODEL_FORMATS = ("decouple",) + tuple(EXPORTS)
@@ -49,11 +52,16 @@ class SavedModel:
         return "\n".join(lines)
 
 
-def write_model(model_file: ModelFile, path: PathLike, *, format: str = "decouple") -> Path:
-    """Write ``model_file`` as a decouple model file or a portable export (atomically)."""
+def check_format(format: str) -> str:
+    """``format`` if it is one of MODEL_FORMATS, else a DecoupleError listing them."""
     if format not in MODEL_FORMATS:
         raise DecoupleError(f"--format must be one of {', '.join(MODEL_FORMATS)}; got {format!r}")
-    if format == "decouple":
+    return format
+
+
+def write_model(model_file: ModelFile, path: PathLike, *, format: str = "decouple") -> Path:
+    """Write ``model_file`` as a decouple model file or a portable export (atomically)."""
+    if check_format(format) == "decouple":
         return write_model_file(path, model_file)
     return export_portable(model_from_file(model_file), path, format=format)
 
@@ -65,13 +73,38 @@ def save_cell(
     *,
     selection: Optional[Mapping[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
+    backbone: Optional[Tuple[Any, str, Dict[str, Any]]] = None,
     format: str = "decouple",
 ) -> SavedModel:
-    """Save a cell fitted with ``keep_head`` on ``feature_set`` as a model."""
-    if format not in MODEL_FORMATS:
-        raise DecoupleError(f"--format must be one of {', '.join(MODEL_FORMATS)}; got {format!r}")
+    """Save a cell fitted with ``keep_head`` on ``feature_set`` as a model
+    (``backbone``: :func:`~decouple.deploy.build.find_backbone`'s answer, if known)."""
+    check_format(format)
     model_file = build_model_file(
-        feature_set, result, selection=selection or {"by": "given"}, backbone_weights=backbone_weights
+        feature_set, result, selection=selection or {"by": "given"}, backbone_weights=backbone_weights,
+        backbone=backbone,
     )
     written = write_model(model_file, path, format=format)
     return SavedModel(path=written, format=format, meta=model_file.meta)
+
+
+def fit_head_file(
+    path: PathLike,
+    cell: Cell,
+    *,
+    train: TrainConfig = TrainConfig(),
+    save_to: Optional[PathLike] = None,
+    backbone_weights: Optional[PathLike] = None,
+) -> Tuple[CellResult, Optional[SavedModel]]:
+    """``decouple head``: fit one cell on the feature file at ``path`` and score
+    it; with ``save_to``, save it as a model. Names and settings are checked
+    before the file is read, and the backbone is found before the fit, so a
+    typo or a missing checkpoint fails at once."""
+    cell = validate_cell(cell)
+    train = train.validated()
+    feature_set = read_features(path)
+    backbone = find_backbone(feature_set, weights=backbone_weights) if save_to is not None else None
+    result = fit_cell(feature_set, cell, train=train, keep_head=save_to is not None)
+    saved = None
+    if save_to is not None:
+        saved = save_cell(feature_set, result, save_to, backbone=backbone)
+    return result, saved

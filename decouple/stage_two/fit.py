@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from decouple.calibration import DEFAULT_BINS, fit_temperature
+from decouple.calibration import DEFAULT_BINS, calibratable, fit_temperature
 from decouple.metrics import evaluate
 from decouple.stage_two.cells import Cell, CellResult, freeze_settings, method_params, validate_cell
 from decouple.stage_two.config import TrainConfig
@@ -35,7 +35,10 @@ def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[s
     if "val" in splits:
         val = feature_set.splits["val"]
         scores["val"] = head.decision_function(val.features)
-        temperature, selected_on = fit_temperature(val.labels, scores["val"]), "val"
+        if calibratable(scores["val"]):
+            temperature, selected_on = fit_temperature(val.labels, scores["val"]), "val"
+        else:  # a diverged head: its accuracy is still reported, its calibration is not defined
+            temperature, selected_on = 1.0, "default (non-finite val scores)"
     else:
         temperature, selected_on = 1.0, "default"
     counts = feature_set.train_counts

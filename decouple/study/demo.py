@@ -132,22 +132,19 @@ def deploy_best(out: Path, db_path: Path, data: Path, *, log: Callable[[str], No
     user's new images would be; returns the commands run and the predictions."""
     model_path = out / "model.pt"
     save_command = f"decouple save-model --db {db_path} -o {model_path}"
-    log(f"$ {save_command}")
     saved = save_best(str(db_path), str(model_path), metric=RANK_METRIC, split=RANK_SPLIT)
-    log(saved.describe())
     folder = out / "test_images"
     for class_folder in sorted((data / "test").iterdir()):
         target = folder / class_folder.name
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(sorted(class_folder.iterdir())[-1], target)
     predictions = out / "predictions.csv"
-    predict_command = f"decouple predict {model_path} {folder} -o {predictions}"
-    log(f"$ {predict_command}")
+    predict_command = f"decouple predict {model_path} {folder} --top-k 3 -o {predictions}"
     summary = PredictSummary()
     model = load_model(model_path)
     rows = list(predict_rows(model, collect_inputs([folder]), top_k=3, summary=summary))
     write_rows(rows, predictions, format="csv", top_k=3, with_labels=False)
-    lines = [f"$ {save_command}", saved.describe().splitlines()[0], f"$ {predict_command}", str(summary),
+    lines = [f"$ {save_command}", saved.describe(), f"$ {predict_command}", str(summary),
              "| image | predicted | probability | runner-up |", "| --- | --- | ---: | --- |"]
     for row in rows:
         image = Path(row["path"]).relative_to(out)

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from decouple.deploy.save import SavedModel, save_cell
 from decouple.errors import DecoupleError
 from decouple.features import FeatureSet, read_features
@@ -23,7 +25,7 @@ from decouple.provenance import file_sha256
 from decouple.stage_two.cells import Cell, CellResult
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.fit import fit_cell
-from decouple.study.export import labelled_methods
+from decouple.study.export import LOWER_IS_BETTER, labelled_methods
 from decouple.study.store import CellRecord, load_records
 
 #: Splits a model may be selected on (never a test split).
@@ -33,7 +35,9 @@ SELECTION_SPLITS = ("val",)
 def select_record(
     db: str, *, features: Optional[str] = None, metric: str = "mean_class_acc", split: str = "val"
 ) -> Tuple[CellRecord, Dict[str, Any]]:
-    """The val-best cell of the sweep in ``db`` and how it was chosen."""
+    """The val-best cell of the sweep in ``db`` and how it was chosen: the
+    highest mean ``metric`` over seeds, or the lowest for the metrics where
+    lower is better (ece, nll, ...)."""
     if split not in SELECTION_SPLITS:
         raise DecoupleError(f"--select {split}: a model is selected on {', '.join(SELECTION_SPLITS)}, never on test")
     records = load_records(db, features=[features] if features else None)
@@ -44,6 +48,9 @@ def select_record(
         raise DecoupleError(
             f"{db}: cells of {len(files)} feature files ({', '.join(files)}); choose one with --features NAME"
         )
+    values = [record.metrics.get(split, {}).get(metric) for record in records]
+    if any(value is not None and not isinstance(value, (int, float)) for value in values):
+        raise DecoupleError(f"--metric {metric}: not a single number per cell; choose e.g. mean_class_acc, few")
     scored = [record for record in records if _score(record, split, metric) is not None]
     if not scored:
         known = sorted({key for record in records for key in record.metrics.get(split, {}) if key != "per_class"})
@@ -55,13 +62,15 @@ def select_record(
     for record, label in zip(scored, labelled_methods(scored)):
         groups.setdefault(json.dumps(label, sort_keys=True), []).append(record)
     means = {key: sum(_score(r, split, metric) for r in members) / len(members) for key, members in groups.items()}
-    best_key = max(groups, key=lambda key: means[key])  # first of equals, in database order
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    best_key = max(groups, key=lambda key: sign * means[key])  # first of equals, in database order
     members = groups[best_key]
-    chosen = max(members, key=lambda record: _score(record, split, metric))
+    chosen = max(members, key=lambda record: sign * _score(record, split, metric))
     selection = {
         "by": "sweep",
         "split": split,
         "metric": metric,
+        "goal": "lowest" if sign < 0 else "highest",
         "method_mean": means[best_key],
         "method_seeds": len(members),
         "value": _score(chosen, split, metric),
@@ -97,9 +106,14 @@ def refit_record(record: CellRecord, *, features_path: Optional[str] = None) -> 
         )
     if file_sha256(path) != record.features_sha256:
         raise DecoupleError(f"{path}: not the feature file the sweep scored (its sha256 differs)")
-    # The recorded settings, on this machine's device (the precision is kept).
-    fields = set(TrainConfig.__dataclass_fields__) - {"device"}
-    train = TrainConfig(**{key: value for key, value in record.train.items() if key in fields})
+    # The recorded settings, on the recorded device where this machine has it
+    # (else the CPU: the same head up to the device's rounding; refit_agrees tells).
+    fields = set(TrainConfig.__dataclass_fields__)
+    settings = {key: value for key, value in record.train.items() if key in fields}
+    device = str(settings.get("device") or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        settings["device"] = "cpu"
+    train = TrainConfig(**settings)
     feature_set = read_features(path)
     result = fit_cell(feature_set, cell_of(record), train=train, keep_head=True)
     return feature_set, result
