@@ -17,20 +17,26 @@ endif
 
 venv: $(VENV)/.installed
 
+# The project and what it runs on; the demo needs nothing more.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The test extras (pytest, onnx and onnxruntime for the export tests, ...).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: venv
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 demo: venv
 	$(VENV)/bin/decouple demo --out demo_out
 
-benchmarks: venv
+benchmarks: $(VENV)/.installed-test
 	$(PY) benchmarks/stage_two.py
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/stage_one.py
