@@ -35,7 +35,7 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
 @click.command("extract")
 @click.option("--data", required=True, metavar="PATH",
               help="Image folder (ROOT/<class>/*, or ROOT/train|val|test/<class>/*), a CSV manifest "
-                   "(path,label[,split]) or a CIFAR-10/100 python folder.")
+                   "(path,label[,split[,group]]) or a CIFAR-10/100 python folder.")
 @click.option("--source", default="auto", show_default=True,
               help="How to read --data: auto, image_folder, split_folders, manifest, cifar.")
 @click.option("--backbone", default="resnet32_cifar", show_default=True, metavar="NAME",
@@ -55,6 +55,11 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
               help="Least val images per class of the stratified val.")
 @click.option("--test-fraction", type=float, default=0.2, show_default=True,
               help="Stratified test fraction carved when the data has no test split.")
+@click.option("--group-by", default=None, metavar="REGEX",
+              help="Carve val (and test) by whole groups, disjoint from train: the first capture group of REGEX, "
+                   "searched in each file name, names the image's group (e.g. '^(\\d+)_' for tracks "
+                   "00012_00007.jpg); a name that does not match is an error. A manifest's group column does "
+                   "the same without this option.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds splits, initialisation, sampling and augmentation.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping and listing it.")
 @click.option("--check/--no-check", "check_images", default=True, show_default=True,

@@ -62,6 +62,7 @@ def head(
     optimizer: Optional[str],
     device: Optional[str],
     precision: Optional[str],
+    groups: str,
     many_threshold: int,
     few_threshold: int,
     as_json: bool,
@@ -71,12 +72,14 @@ def head(
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
     from decouple.deploy.save import fit_head_file
+    from decouple.metrics import describe_shot_groups
     from decouple.stage_two.cells import Cell
     from decouple.stage_two.config import TrainConfig
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)
     train = TrainConfig(
+        groups=groups,
         many_threshold=many_threshold,
         few_threshold=few_threshold,
         **{key: value for key, value in overrides.items() if value is not None},
@@ -94,4 +97,5 @@ def head(
     if as_json:
         click.echo(json.dumps(record))
     else:
-        click.echo(describe_result(record))
+        rule = describe_shot_groups(groups, many_threshold=many_threshold, few_threshold=few_threshold)
+        click.echo(describe_result(record, shot_groups=rule))

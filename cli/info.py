@@ -13,15 +13,17 @@ from cli.options import shot_threshold_options
 @click.argument("path", metavar="F.h5")
 @shot_threshold_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def info(path: str, many_threshold: int, few_threshold: int, as_json: bool) -> None:
+def info(path: str, groups: str, many_threshold: int, few_threshold: int, as_json: bool) -> None:
     """Per split N and D, the classes, training counts and shot groups of F.h5."""
     from decouple.features import read_features, summarize
 
-    summary = summarize(read_features(path), many_threshold=many_threshold, few_threshold=few_threshold)
+    summary = summarize(
+        read_features(path), groups=groups, many_threshold=many_threshold, few_threshold=few_threshold
+    )
     if as_json:
         click.echo(json.dumps(summary))
         return
-    counts, groups = summary["train_counts"], summary["groups"]
+    counts, sizes = summary["train_counts"], summary["groups"]
     width = max(len(name) for name in summary["splits"])
     lines = [
         f"{summary['path']}  (backbone {summary['backbone']})",
@@ -34,8 +36,14 @@ def info(path: str, many_threshold: int, few_threshold: int, as_json: bool) -> N
         f"training counts: max {counts['max']}, min {counts['min']}, "
         f"imbalance factor {counts['imbalance_factor']:.1f}"
     )
-    lines.append(
-        f"shot groups: many {groups['many']} (> {many_threshold}), "
-        f"medium {groups['medium']} ({few_threshold}..{many_threshold}), few {groups['few']} (< {few_threshold})"
-    )
+    if groups == "thirds":
+        lines.append(
+            f"shot groups (thirds of the classes by training count): many {sizes['many']}, "
+            f"medium {sizes['medium']}, few {sizes['few']}"
+        )
+    else:
+        lines.append(
+            f"shot groups: many {sizes['many']} (> {many_threshold}), "
+            f"medium {sizes['medium']} ({few_threshold}..{many_threshold}), few {sizes['few']} (< {few_threshold})"
+        )
     click.echo("\n".join(lines))

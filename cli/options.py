@@ -30,15 +30,26 @@ def features_option(function: Callable) -> Callable:
     )(function)
 
 
+#: decouple.metrics.SHOT_RULES, spelled out so that --help imports no numpy.
+SHOT_RULES = ("thresholds", "thirds")
+
+
 def shot_threshold_options(function: Callable) -> Callable:
-    """``--many-threshold`` / ``--few-threshold``: the shot-group boundaries."""
+    """``--groups`` / ``--many-threshold`` / ``--few-threshold``: the rule of
+    the shot groups and the boundaries of the "thresholds" rule."""
     function = click.option(
         "--few-threshold", type=int, default=20, show_default=True,
-        help="Few-shot classes have fewer training images than this.",
+        help="Few-shot classes have fewer training images than this (--groups thresholds).",
+    )(function)
+    function = click.option(
+        "--many-threshold", type=int, default=100, show_default=True,
+        help="Many-shot classes have more training images than this (--groups thresholds).",
     )(function)
     return click.option(
-        "--many-threshold", type=int, default=100, show_default=True,
-        help="Many-shot classes have more training images than this.",
+        "--groups", "groups", type=click.Choice(SHOT_RULES), default=SHOT_RULES[0], show_default=True,
+        help="Shot groups: by --many-threshold / --few-threshold, or thirds of the classes ranked by "
+             "training count (many the top third, few the bottom third; for data such as CIFAR-10-LT "
+             "where the thresholds leave a group empty).",
     )(function)
 
 
@@ -65,8 +76,9 @@ def metrics_table(metrics: Mapping[str, Mapping[str, Any]], columns: Iterable[st
     return "\n".join(lines)
 
 
-def describe_result(result: Mapping[str, Any]) -> str:
-    """A readable summary of one ``decouple head`` result object (DESIGN.md)."""
+def describe_result(result: Mapping[str, Any], *, shot_groups: Optional[str] = None) -> str:
+    """A readable summary of one ``decouple head`` result object (DESIGN.md),
+    with ``shot_groups`` (the rule of the groups, in words) under the table."""
     params = result.get("params", {})
     chosen = []
     if "epoch" in params:
@@ -78,7 +90,8 @@ def describe_result(result: Mapping[str, Any]) -> str:
         f"{result['head']} head, loss {result['loss'] or '-'}, sampler {result['sampler'] or '-'}, "
         f"seed {result['seed']}: fit in {result['fit_seconds']:.2f} s{selected}"
     )
-    return f"{result['features']}\n{title}\n{metrics_table(result['metrics'])}"
+    text = f"{result['features']}\n{title}\n{metrics_table(result['metrics'])}"
+    return text + (f"\nshot groups: {shot_groups}" if shot_groups else "")
 
 
 def check_output_path(path: Optional[str]) -> None:

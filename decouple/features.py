@@ -403,11 +403,14 @@ def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.f
     return Path(path)
 
 
-def summarize(feature_set: FeatureSet, *, many_threshold: int = 100, few_threshold: int = 20) -> Dict[str, Any]:
+def summarize(
+    feature_set: FeatureSet, *, many_threshold: int = 100, few_threshold: int = 20, groups: str = "thresholds"
+) -> Dict[str, Any]:
     """What ``decouple info`` prints: per-split N and D, class count, training
-    count statistics and the size of each shot group."""
+    count statistics and the size of each shot group (by rule ``groups``,
+    :func:`decouple.metrics.shot_groups`)."""
     counts = feature_set.train_counts
-    groups = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    members = shot_groups(counts, rule=groups, many_threshold=many_threshold, few_threshold=few_threshold)
     return {
         "path": feature_set.path,
         "backbone": feature_set.backbone,
@@ -421,5 +424,6 @@ def summarize(feature_set: FeatureSet, *, many_threshold: int = 100, few_thresho
             "min": int(counts.min()),
             "imbalance_factor": float(counts.max() / counts.min()),
         },
-        "groups": {name: int(len(indices)) for name, indices in groups.items()},
+        "groups": {name: int(len(indices)) for name, indices in members.items()},
+        "group_rule": groups,
     }

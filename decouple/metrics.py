@@ -1,9 +1,16 @@
 """Evaluation metrics: pure functions, arrays in, numbers out.
 
-Shot groups follow Liu et al., "Large-Scale Long-Tailed Recognition in an
-Open World" (CVPR 2019): many-shot classes have more than 100 training
-images, medium-shot 20 to 100, few-shot fewer than 20. A group with no
-classes scores ``None`` (null in JSON), never 0.
+Shot groups follow one of two rules (:data:`SHOT_RULES`):
+
+* "thresholds" (the default), Liu et al., "Large-Scale Long-Tailed
+  Recognition in an Open World" (CVPR 2019): many-shot classes have more
+  than 100 training images, medium-shot 20 to 100, few-shot fewer than 20
+  (the thresholds are settings). The literature's rule on CIFAR-100-LT,
+  ImageNet-LT and Places-LT; it leaves "few" empty on CIFAR-10-LT.
+* "thirds": the classes ranked by training count and cut into three groups
+  of (nearly) equal size, so no group is empty once C >= 3.
+
+A group with no classes scores ``None`` (null in JSON), never 0.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from decouple.calibration import calibratable, expected_calibration_error, negat
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
 GROUPS = ("many", "medium", "few")
+#: The rules that define the shot groups (:func:`shot_groups`); the first is the default.
+SHOT_RULES = ("thresholds", "thirds")
+DEFAULT_SHOT_RULE = "thresholds"
 
 
 def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int = 1) -> float:
@@ -78,11 +88,36 @@ def per_class_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) 
 def shot_groups(
     train_counts: np.ndarray,
     *,
+    rule: str = DEFAULT_SHOT_RULE,
     many_threshold: int = MANY_THRESHOLD,
     few_threshold: int = FEW_THRESHOLD,
 ) -> Dict[str, np.ndarray]:
-    """Class indices of the many (> many), medium ([few, many]) and few (< few) groups."""
+    """Class indices (ascending) of the many, medium and few groups.
+
+    ``rule`` "thresholds": many > ``many_threshold``, medium in
+    [``few_threshold``, ``many_threshold``], few < ``few_threshold``
+    training images.
+
+    ``rule`` "thirds": the C classes sorted by (training count descending,
+    class index ascending) and cut at ranks round(C/3) and round(2C/3)
+    (C/3 is never a half, so the rounding is unambiguous): many is the first
+    round(C/3) classes, medium the next, few the rest. C = 10 gives 3 / 4 / 3
+    classes, C = 100 gives 33 / 34 / 33, C = 11 gives 4 / 3 / 4. Classes with
+    equal counts are ordered by index, so tied classes across a cut are
+    split deterministically: the lower index lands in the larger-count group.
+    """
     counts = np.asarray(train_counts)
+    if rule == "thirds":
+        num_classes = len(counts)
+        order = np.lexsort((np.arange(num_classes), -counts.astype(np.int64)))
+        first, second = (num_classes + 1) // 3, (2 * num_classes + 1) // 3  # round(C/3), round(2C/3)
+        return {
+            "many": np.sort(order[:first]),
+            "medium": np.sort(order[first:second]),
+            "few": np.sort(order[second:]),
+        }
+    if rule != "thresholds":
+        raise ValueError(f"shot-group rule must be one of {', '.join(SHOT_RULES)}; got {rule!r}")
     if few_threshold > many_threshold:
         raise ValueError(
             f"few threshold {few_threshold} must not exceed many threshold {many_threshold}"
@@ -92,6 +127,16 @@ def shot_groups(
         "medium": np.flatnonzero((counts >= few_threshold) & (counts <= many_threshold)),
         "few": np.flatnonzero(counts < few_threshold),
     }
+
+
+def describe_shot_groups(
+    rule: str = DEFAULT_SHOT_RULE, *, many_threshold: int = MANY_THRESHOLD, few_threshold: int = FEW_THRESHOLD
+) -> str:
+    """The rule of :func:`shot_groups` as one phrase for a table note or caption,
+    e.g. "many > 100, medium 20-100, few < 20 training images"."""
+    if rule == "thirds":
+        return "many/medium/few: thirds of the classes by training count"
+    return f"many > {many_threshold}, medium {few_threshold}-{many_threshold}, few < {few_threshold} training images"
 
 
 def group_mean(per_class: np.ndarray, classes: np.ndarray) -> Optional[float]:
@@ -110,13 +155,15 @@ def evaluate(
     scores: np.ndarray,
     train_counts: np.ndarray,
     *,
+    shot_rule: str = DEFAULT_SHOT_RULE,
     many_threshold: int = MANY_THRESHOLD,
     few_threshold: int = FEW_THRESHOLD,
     temperature: float = 1.0,
 ) -> Dict[str, object]:
     """All metrics of one split: n, top1, top5, macro_f1, mean_class_acc,
     many / medium / few accuracy and many_f1 / medium_f1 / few_f1 (the mean
-    per-class F1 of each group; None when the group is empty), the
+    per-class F1 of each group, groups by ``shot_rule`` and the thresholds,
+    :func:`shot_groups`; None when the group is empty), the
     calibration of softmax(scores) (:mod:`decouple.calibration`): nll_raw
     and ece_raw at T = 1, nll and ece at ``temperature`` (the same when it
     is 1; all None for an empty split), and per_class accuracy (a list with
@@ -129,7 +176,9 @@ def evaluate(
     num_classes = len(train_counts)
     predictions = scores.argmax(axis=1)
     class_accuracy = per_class_accuracy(labels, predictions, num_classes)
-    groups = shot_groups(train_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    groups = shot_groups(
+        train_counts, rule=shot_rule, many_threshold=many_threshold, few_threshold=few_threshold
+    )
     result: Dict[str, object] = {
         "n": int(len(labels)),
         "top1": _none_if_nan(top_k_accuracy(labels, scores, 1)),

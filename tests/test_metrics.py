@@ -92,3 +92,64 @@ def test_hand_written_metrics_equal_scikit_learns(seed):
     assert mean_class_accuracy(labels, predictions, num_classes) == pytest.approx(
         balanced_accuracy_score(labels, predictions), abs=1e-12
     )
+
+
+def test_shot_groups_thirds_on_cifar10_lt_counts():
+    # CIFAR-10-LT at imbalance 100 (exponential_counts(5000, 10, 100)): the
+    # thresholds leave "few" empty; thirds cut at round(10/3) = 3, round(20/3) = 7.
+    counts = np.array([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50])
+    assert shot_groups(counts)["few"].tolist() == []
+    groups = shot_groups(counts, rule="thirds")
+    assert groups["many"].tolist() == [0, 1, 2]
+    assert groups["medium"].tolist() == [3, 4, 5, 6]
+    assert groups["few"].tolist() == [7, 8, 9]
+    # Ranked by count, not by index: the same counts shuffled follow their classes.
+    shuffled = counts[[9, 0, 5, 2, 7, 1, 8, 3, 6, 4]]
+    groups = shot_groups(shuffled, rule="thirds")
+    assert groups["many"].tolist() == [1, 3, 5]
+    assert groups["medium"].tolist() == [2, 7, 8, 9]
+    assert sorted(groups["few"].tolist()) == groups["few"].tolist() == [0, 4, 6]
+
+
+def test_shot_groups_thirds_breaks_ties_by_class_index():
+    # Sorted by (count desc, index): (9,1) (9,4) | (5,0) (5,2) (5,3) | (5,6) (1,5);
+    # C = 7 cuts at round(7/3) = 2 and round(14/3) = 5, inside the tie of 5s:
+    # the lower indices stay in medium, class 6 falls to few.
+    counts = np.array([5, 9, 5, 5, 9, 1, 5])
+    groups = shot_groups(counts, rule="thirds")
+    assert groups["many"].tolist() == [1, 4]
+    assert groups["medium"].tolist() == [0, 2, 3]
+    assert groups["few"].tolist() == [5, 6]
+    # All equal: index order alone.
+    equal = shot_groups(np.full(10, 7), rule="thirds")
+    assert [equal[name].tolist() for name in ("many", "medium", "few")] == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+
+
+@pytest.mark.parametrize("num_classes, sizes", [
+    (1, (0, 1, 0)), (2, (1, 0, 1)), (3, (1, 1, 1)), (4, (1, 2, 1)), (5, (2, 1, 2)),
+    (10, (3, 4, 3)), (11, (4, 3, 4)), (12, (4, 4, 4)), (100, (33, 34, 33)), (1000, (333, 334, 333)),
+])
+def test_shot_groups_thirds_sizes_partition_the_classes(num_classes, sizes):
+    counts = np.random.default_rng(num_classes).integers(1, 50, size=num_classes)
+    groups = shot_groups(counts, rule="thirds")
+    assert tuple(len(groups[name]) for name in ("many", "medium", "few")) == sizes
+    assert sorted(np.concatenate(list(groups.values())).tolist()) == list(range(num_classes))
+    # Every many class has at least the count of every medium class, and so on down.
+    for upper, lower in (("many", "medium"), ("medium", "few")):
+        if len(groups[upper]) and len(groups[lower]):
+            assert counts[groups[upper]].min() >= counts[groups[lower]].max()
+
+
+def test_shot_groups_unknown_rule_names_it():
+    with pytest.raises(ValueError, match="'halves'"):
+        shot_groups(np.array([3, 2, 1]), rule="halves")
+
+
+def test_evaluate_with_thirds_scores_a_few_group_the_thresholds_leave_empty():
+    train_counts = np.array([500, 300, 50])
+    labels = np.array([0, 1, 2, 2])
+    scores = np.eye(3)[[0, 0, 2, 1]]
+    assert evaluate(labels, scores, train_counts)["few"] is None
+    result = evaluate(labels, scores, train_counts, shot_rule="thirds")
+    assert (result["many"], result["medium"], result["few"]) == (1.0, 0.0, 0.5)
+    assert result["few_f1"] is not None

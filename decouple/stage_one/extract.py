@@ -331,6 +331,9 @@ def _make_manifest(config: ExtractConfig, log: Callable[[str], None]) -> Manifes
     manifest = prepare_manifest(
         config.data, config.split, source=config.source, check_images=config.check_images, strict=config.strict
     )
+    groups = manifest.info.get("groups")
+    if groups:
+        log(f"groups: {groups['count']} (from {groups['from']}); carved splits are group-disjoint from train")
     skipped = manifest.info.get("skipped_images", [])
     if skipped:
         listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")

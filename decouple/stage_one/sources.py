@@ -113,7 +113,9 @@ class Source:
 
 @register_source("manifest")
 class ManifestSource(Source):
-    """A CSV of ``path,label[,split]`` rows; relative paths are relative to the CSV."""
+    """A CSV of ``path,label[,split[,group]]`` rows (or those columns named by a
+    header, in any order); relative paths are relative to the CSV. A group
+    column makes the carved splits group-disjoint from train (see splits)."""
 
     @classmethod
     def detect(cls, path: Path) -> bool:

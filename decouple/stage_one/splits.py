@@ -13,12 +13,33 @@
   class keeps at least one training image.
 - a source without a test split gives up a stratified ``test_fraction`` first.
 
+Groups (bursts, tracks, specimens; ``group_by``, a regular expression whose
+first capture group, searched in each file name, names the image's group, or
+a manifest's ``group`` column) make every carved split group-disjoint from
+train, so near-duplicates of one object never sit on both sides:
+
+- test and the stratified val are carved by whole groups, taken in a seeded
+  order until each class reaches its usual count (so it may overshoot by
+  less than one group), never a class's last group;
+- with ``imbalance``, val is carved first by whole groups until each class
+  has ``val_per_class`` images, then trimmed to exactly ``val_per_class``
+  (the trimmed images of those groups are left unused, never trained on);
+  train is then subsampled on the profile by images from the groups left,
+  and ``n_max`` defaults to the largest value they allow; ``test_lt`` is
+  the test set subsampled by images as before.
+- a group spanning classes counts toward the quota of its majority class
+  (ties: the first class) and moves whole, its other images with it.
+
+Without groups the splits are exactly those of the code before groups.
+
 The options travel as one validated :class:`SplitOptions`; the result is a
 :class:`~decouple.stage_one.manifest.Manifest`.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,6 +63,7 @@ class SplitOptions:
     min_val_per_class: int = 1
     test_fraction: float = 0.2
     seed: int = 0
+    group_by: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.imbalance is not None and not self.imbalance >= 1:
@@ -54,6 +76,42 @@ class SplitOptions:
         for name in ("val_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1); got {getattr(self, name)}")
+        if self.group_by is not None:
+            group_pattern(self.group_by)
+
+
+def group_pattern(pattern: str) -> "re.Pattern[str]":
+    """``--group-by``'s regular expression, compiled; it needs a capture group to name the group."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--group-by '{pattern}' is not a regular expression ({exc})") from None
+    if compiled.groups < 1:
+        raise ConfigError(
+            f"--group-by '{pattern}' has no capture group; its first (...) names the group, e.g. '^(\\d+)_'"
+        )
+    return compiled
+
+
+def name_groups(items: SplitItems, pattern: str) -> SplitItems:
+    """``items`` with the group of each image: the first capture group of ``pattern``
+    searched in its file name. DataError naming the first name that does not match."""
+    compiled = group_pattern(pattern)
+    groups: List[str] = []
+    unmatched = []
+    for ref in items.refs:
+        name = os.path.basename(ref)
+        match = compiled.search(name)
+        if match is None or not match.group(1):
+            unmatched.append(ref)
+        else:
+            groups.append(match.group(1))
+    if unmatched:
+        raise DataError(
+            f"{unmatched[0]}: file name {os.path.basename(unmatched[0])!r} does not match --group-by '{pattern}' "
+            f"({len(unmatched)} of {len(items)} images do not); every image needs a group, its first capture group"
+        )
+    return SplitItems(items.refs, items.labels, groups)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -69,18 +127,65 @@ def _per_class(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -
 
 
 def stratified_carve(
-    labels: np.ndarray, num_classes: int, *, fraction: float, minimum: int, seed: int, purpose: int = 0
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    fraction: float,
+    minimum: int,
+    seed: int,
+    purpose: int = 0,
+    groups: Optional[Sequence[str]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Split indices into (kept, carved): per class max(minimum, round(fraction * n)),
-    but never a class's last image."""
+    but never a class's last image; with ``groups`` (N,), whole groups (see :func:`group_carve`)."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"split fraction must lie in [0, 1); got {fraction}")
+    if groups is not None:
+        class_counts = np.bincount(labels, minlength=num_classes)
+        targets = np.minimum(
+            np.maximum(minimum, np.round(fraction * class_counts).astype(np.int64)), np.maximum(class_counts - 1, 0)
+        )
+        return group_carve(labels, groups, num_classes, targets=targets, seed=seed, purpose=purpose)
     kept, carved = [], []
     for indices in _per_class(labels, num_classes, _rng(seed, purpose)):
         take = min(max(minimum, int(round(fraction * len(indices)))), max(len(indices) - 1, 0))
         carved.append(indices[:take])
         kept.append(indices[take:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))
+
+
+def group_carve(
+    labels: np.ndarray,
+    groups: Sequence[str],
+    num_classes: int,
+    *,
+    targets: np.ndarray,
+    seed: int,
+    purpose: int = 0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Split indices into (kept, carved) by whole groups: groups in a seeded order,
+    each taken while its class (its majority label, ties to the first) has fewer
+    than ``targets`` (C,) carved images and taking it leaves every class it
+    holds at least one kept image. A class may end above its target by less
+    than one group, or below it when only its last group is left."""
+    labels = np.asarray(labels, dtype=np.int64)
+    names, group_of = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    by_group = np.argsort(group_of, kind="stable")
+    members = np.split(by_group, np.cumsum(np.bincount(group_of, minlength=len(names)))[:-1])
+    remaining = np.bincount(labels, minlength=num_classes)
+    carved_counts = np.zeros(num_classes, dtype=np.int64)
+    carved: List[np.ndarray] = []
+    for g in _rng(seed, purpose).permutation(len(names)):
+        classes, counts = np.unique(labels[members[g]], return_counts=True)
+        majority = classes[np.argmax(counts)]
+        if carved_counts[majority] >= targets[majority] or (remaining[classes] - counts < 1).any():
+            continue
+        carved.append(members[g])
+        carved_counts[classes] += counts
+        remaining[classes] -= counts
+    carved_indices = np.sort(np.concatenate(carved)) if carved else np.zeros(0, dtype=np.int64)
+    kept_indices = np.setdiff1d(np.arange(len(labels)), carved_indices)
+    return kept_indices, carved_indices
 
 
 def long_tail_counts(
@@ -156,10 +261,15 @@ def _subsample_long_tail(data: SourceData, splits: Dict[str, SplitItems], option
     has_val = "val" in splits
     val_per_class = 0 if has_val else options.val_per_class
     train = splits["train"]
-    train_counts = _profile_counts(data, train, options, reserve=val_per_class)
+    if val_per_class > 0 and train.groups is not None:
+        splits["val"], train = _carve_group_val(data, train, options)
+        val_per_class_reserved = 0  # val is already out of the pool
+    else:
+        val_per_class_reserved = val_per_class
+    train_counts = _profile_counts(data, train, options, reserve=val_per_class_reserved)
     order = _per_class(train.labels, num_classes, _rng(options.seed, 2))
     chosen = np.sort(np.concatenate([idx[:n] for idx, n in zip(order, train_counts)]))
-    if val_per_class > 0:
+    if val_per_class_reserved > 0:
         leftover = np.concatenate([idx[n : n + val_per_class] for idx, n in zip(order, train_counts)])
         splits["val"] = train.subset(np.sort(leftover))
     splits["train"] = train.subset(chosen)
@@ -171,6 +281,28 @@ def _subsample_long_tail(data: SourceData, splits: Dict[str, SplitItems], option
         "imbalance": options.imbalance,
         "val_per_class": val_per_class,
     }
+
+
+def _carve_group_val(data: SourceData, train: SplitItems, options: SplitOptions) -> Tuple[SplitItems, SplitItems]:
+    """(val, training pool): whole groups until each class has ``val_per_class``
+    images, val trimmed to exactly that; the trimmed images stay out of both."""
+    num_classes = len(data.class_names)
+    targets = np.full(num_classes, options.val_per_class, dtype=np.int64)
+    rest, carved = group_carve(train.labels, train.groups, num_classes, targets=targets, seed=options.seed, purpose=5)
+    carved_items = train.subset(carved)
+    order = _per_class(carved_items.labels, num_classes, _rng(options.seed, 6))
+    short = [c for c in range(num_classes) if len(order[c]) < options.val_per_class]
+    if short:
+        c = short[0]
+        in_class = train.labels == c
+        group_count = len(set(np.asarray(train.groups, dtype=object)[in_class]))
+        raise DataError(
+            f"{data.location}: class {data.class_names[c]!r} has {int(in_class.sum())} images in {group_count} "
+            f"group(s); a group-disjoint val of {options.val_per_class} needs that many from groups other than "
+            f"one left for training; lower --val-per-class"
+        )
+    val = np.sort(np.concatenate([idx[: options.val_per_class] for idx in order]))
+    return carved_items.subset(val), train.subset(rest)
 
 
 def _long_tail_test(test: SplitItems, num_classes: int, options: SplitOptions) -> SplitItems:
@@ -189,10 +321,15 @@ def build_manifest(data: SourceData, options: SplitOptions = SplitOptions()) -> 
     num_classes = len(data.class_names)
     splits = dict(data.splits)
     info: Dict[str, Any] = {"source_location": data.location, "seed": options.seed, "imbalance": options.imbalance}
+    if options.group_by is not None:
+        splits = {name: name_groups(items, options.group_by) for name, items in splits.items()}
+    if any(items.groups is not None for items in splits.values()):
+        info["groups"] = _group_info(splits, options)
     if "all" in splits:
         pool = splits.pop("all")
         kept, carved = stratified_carve(
-            pool.labels, num_classes, fraction=options.test_fraction, minimum=1, seed=options.seed, purpose=1
+            pool.labels, num_classes, fraction=options.test_fraction, minimum=1, seed=options.seed, purpose=1,
+            groups=pool.groups,
         )
         splits["train"], splits["test"] = pool.subset(kept), pool.subset(carved)
         info["test_carved"] = {"fraction": options.test_fraction}
@@ -203,12 +340,25 @@ def build_manifest(data: SourceData, options: SplitOptions = SplitOptions()) -> 
         train = splits["train"]
         kept, carved = stratified_carve(
             train.labels, num_classes, fraction=options.val_fraction, minimum=options.min_val_per_class,
-            seed=options.seed, purpose=4,
+            seed=options.seed, purpose=4, groups=train.groups,
         )
         splits["train"], splits["val"] = train.subset(kept), train.subset(carved)
         info["val_carved"] = {"fraction": options.val_fraction, "min_per_class": options.min_val_per_class}
     ordered = {name: splits[name] for name in SPLIT_NAMES if name in splits and len(splits[name])}
     return Manifest(list(data.class_names), ordered, info)
+
+
+def _group_info(splits: Dict[str, SplitItems], options: SplitOptions) -> Dict[str, Any]:
+    """Where the groups came from, how many, and how many span classes (recorded in the manifest info)."""
+    classes_of: Dict[str, set] = {}
+    for items in splits.values():
+        for group, label in zip(items.groups or [], items.labels.tolist()):
+            classes_of.setdefault(group, set()).add(label)
+    return {
+        "from": f"--group-by {options.group_by}" if options.group_by is not None else "manifest group column",
+        "count": len(classes_of),
+        "spanning_classes": sum(len(labels) > 1 for labels in classes_of.values()),
+    }
 
 
 def prepare_manifest(

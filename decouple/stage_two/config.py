@@ -1,5 +1,5 @@
 """How stage two trains: :class:`TrainConfig` (step budget, optimiser,
-learning rate, weight decay, device, precision, shot-group thresholds) and
+learning rate, weight decay, device, precision, shot groups) and
 the probe that picks bfloat16 on GPUs that multiply it natively."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from decouple.errors import ConfigError
+from decouple.metrics import DEFAULT_SHOT_RULE, SHOT_RULES
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 #: Peak learning rate of each optimizer when TrainConfig.lr is None. Adam's
@@ -53,8 +54,11 @@ class TrainConfig:
     DEFAULT_LR of the optimizer; the schedule is cosine over the whole run.
 
     ``device`` None means "cuda" when a GPU is visible, else "cpu".
-    ``many_threshold`` / ``few_threshold`` define the shot groups of the
-    metrics (many > 100, few < 20 training images by default).
+    ``groups`` is the rule of the metrics' shot groups
+    (:func:`decouple.metrics.shot_groups`): "thresholds" (the default:
+    many > ``many_threshold``, few < ``few_threshold`` training images,
+    100 and 20 by default) or "thirds" (the classes ranked by training
+    count, cut into three equal groups; the thresholds are then unused).
 
     **Precision** of the fused trainer's two large matrix products per step
     (the logits and the weight gradient,
@@ -78,6 +82,7 @@ class TrainConfig:
     many_threshold: int = 100
     few_threshold: int = 20
     precision: str = "auto"
+    groups: str = DEFAULT_SHOT_RULE
 
     def validated(self) -> "TrainConfig":
         """Self after checking every field, with ``precision`` "auto" and ``lr``
@@ -102,6 +107,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train setting few_threshold ({self.few_threshold}) must not exceed "
                 f"many_threshold ({self.many_threshold})"
+            )
+        if self.groups not in SHOT_RULES:
+            raise ConfigError(
+                f"train setting groups must be one of {', '.join(SHOT_RULES)}; got {self.groups!r}"
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(

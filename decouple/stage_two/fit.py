@@ -50,6 +50,7 @@ def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[s
             split.labels,
             split_scores,
             counts,
+            shot_rule=train.groups,
             many_threshold=train.many_threshold,
             few_threshold=train.few_threshold,
             temperature=temperature,

@@ -119,10 +119,14 @@ class Head:
         """What was chosen on val (epoch, tau, ...) and on which split."""
         return {}
 
-    def scorer(self) -> Scorer:  # pragma: no cover - abstract
+    def scorer(self) -> Scorer:
         """The fitted head as a torch module, embeddings (B, D) -> the scores
-        of :meth:`decision_function` (:mod:`decouple.stage_two.scorers`)."""
-        raise NotImplementedError
+        of :meth:`decision_function` (:mod:`decouple.stage_two.scorers`); a
+        head without one cannot be saved as a model."""
+        raise ConfigError(
+            f"head {self.registered_name()!r} cannot be saved as a model: it defines no scorer() "
+            f"(decouple/stage_two/scorers.py)"
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ error naming its place in the file)::
       seed: [0, 1, 2]               # default [0]
     params:                         # per-method settings, keyed by method name
       focal: {gamma: 2.0}
-    train: {epochs: 30, lr: 0.1}    # TrainConfig fields
+    train: {epochs: 30, lr: 0.1}    # TrainConfig fields, e.g. groups: thirds (shot groups)
     db: results.db                  # default results.db
 
 A head that takes no loss or sampler (ncm, knn) runs once per feature file

@@ -16,6 +16,8 @@ lowest for the calibration errors of :data:`LOWER_IS_BETTER`) is marked
 (bold in Markdown, LaTeX and HTML; ``best`` in CSV and JSON). Tables show
 fractions in % (``--percent``) except :data:`UNSCALED_METRICS` (NLL, in
 nats), which keep their own unit at the precision a fraction would have.
+Where the table shows a many / medium / few column, its note names the rule
+of the shot groups the cells were scored with (:func:`shot_groups_note`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from decouple.errors import DecoupleError, did_you_mean
+from decouple.metrics import DEFAULT_SHOT_RULE, FEW_THRESHOLD, GROUPS, MANY_THRESHOLD, describe_shot_groups
 from decouple.study.grid import train_identity
 from decouple.study.store import METRIC_COLUMNS, CellRecord
 
@@ -189,6 +192,9 @@ def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
         train = train_identity(record.head, record.train)
     except DecoupleError:  # a head this version does not know: keep every setting
         train = {k: v for k, v in record.train.items() if k != "device"}
+    # Named in full, so that rows told apart by it read groups=thresholds / groups=thirds
+    # (records stored before the setting existed used thresholds).
+    train["groups"] = record.train.get("groups", DEFAULT_SHOT_RULE)
     return {
         "features": {"sha256": record.features_sha256},
         "head": {**dict(record.params.get("head") or {}), **train},
@@ -445,6 +451,45 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
     return "\n".join(lines) + "\n" + _footnote(table, scale) + "\n"
 
 
+ShotRule = Tuple[str, Optional[int], Optional[int]]
+
+
+def shot_rule_of(record: CellRecord) -> ShotRule:
+    """(rule, many_threshold, few_threshold) a cell's shot groups were made by
+    (thresholds None under "thirds", which does not use them); records stored
+    before the rule was a setting used the thresholds."""
+    train = record.train or {}
+    rule = train.get("groups", DEFAULT_SHOT_RULE)
+    if rule != "thresholds":
+        return rule, None, None
+    return rule, int(train.get("many_threshold", MANY_THRESHOLD)), int(train.get("few_threshold", FEW_THRESHOLD))
+
+
+def shot_rules(records: Sequence[CellRecord]) -> List[ShotRule]:
+    """The distinct shot-group rules of ``records``, in order of first appearance."""
+    return list(dict.fromkeys(shot_rule_of(record) for record in records))
+
+
+def shot_groups_note(records: Sequence[CellRecord]) -> str:
+    """One sentence naming the shot-group rule of ``records``, e.g. "Shot groups:
+    many > 100, medium 20-100, few < 20 training images."; where the cells
+    used several rules, it says so and names each."""
+    texts = [
+        describe_shot_groups(rule) if many is None else describe_shot_groups(
+            rule, many_threshold=many, few_threshold=few
+        )
+        for rule, many, few in shot_rules(records)
+    ]
+    if len(texts) == 1:
+        return f"Shot groups: {texts[0]}."
+    return f"Shot groups differ between cells (see the row labels): {'; '.join(texts)}."
+
+
+def _shows_groups(table: SummaryTable) -> bool:
+    """Whether a column of ``table`` is a many / medium / few metric."""
+    return any(metric in GROUPS or metric in {f"{name}_f1" for name in GROUPS} for metric in table.metrics)
+
+
 def _footnote(table: SummaryTable, scale: float) -> str:
     seeds = sorted({row.cells for row in table.rows})
     unit = "%" if scale == 100.0 else "fraction"
@@ -456,7 +501,10 @@ def _footnote(table: SummaryTable, scale: float) -> str:
     if lower:
         best += f" (the lowest for {', '.join(lower)})"
     seed_text = "/".join(str(count) for count in seeds)
-    return f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; {best}."
+    note = f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; {best}."
+    if _shows_groups(table):
+        note += " " + shot_groups_note([record for row in table.rows for record in row.records])
+    return note
 
 
 _LATEX_SPECIAL = {
@@ -470,12 +518,16 @@ def latex_escape(text: str) -> str:
 
 
 def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
-    """A booktabs tabular: a column group per split, best of each column in bold."""
+    """A booktabs tabular: a column group per split, best of each column in
+    bold; the table's note (seeds, unit, shot groups) in a comment above it,
+    for the caption."""
     metrics = table.metrics
     splits = table.splits
     spec = "l" * len(table.row_fields) + "".join("r" * len(metrics) for _ in splits)
     lines = [
         "% requires \\usepackage{booktabs}",
+        # The note a caption should carry (the Markdown table's footnote).
+        *(f"% {line}" for line in _footnote(table, scale).strip().splitlines()),
         f"\\begin{{tabular}}{{{spec}}}",
         "\\toprule",
     ]
@@ -508,10 +560,15 @@ def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1)
 
 
 def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
-    """A standalone <table>: a header group per split, best of each column in <strong>."""
+    """A standalone <table>: a header group per split, best of each column in
+    <strong>, the table's note (seeds, unit, shot groups) as a caption under it."""
     esc = html.escape
     metrics, splits = table.metrics, table.splits
-    out = ['<table class="decouple-results">', "<thead>", "<tr>"]
+    out = [
+        '<table class="decouple-results">',
+        f'<caption style="caption-side:bottom;text-align:left">{esc(_footnote(table, scale).strip())}</caption>',
+        "<thead>", "<tr>",
+    ]
     for name in table.row_fields:
         out.append(f'<th rowspan="2">{esc(_header_label(name))}</th>')
     for split in splits:

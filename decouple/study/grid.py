@@ -11,9 +11,14 @@ from decouple.stage_two.losses import LOSSES
 from decouple.stage_two.samplers import SAMPLERS
 
 # TrainConfig fields that change what a head that does not train (ncm, knn) computes.
-_EVAL_TRAIN_FIELDS = ("many_threshold", "few_threshold")
+_EVAL_TRAIN_FIELDS = ("many_threshold", "few_threshold", "groups")
 # TrainConfig fields that never change the numbers, left out of cell keys.
 _KEYLESS_TRAIN_FIELDS = ("device",)
+# TrainConfig fields added after results were first stored, with the value
+# that computes what those results did: left out of a cell's identity at that
+# value (and when absent, as in older records), so that adding the field
+# changed no existing cell key or table label.
+_ADDED_TRAIN_DEFAULTS = {"groups": "thresholds"}
 
 
 def head_takes_loss(head: str) -> bool:
@@ -60,7 +65,16 @@ def cell_params(
 def train_identity(head: str, train: Mapping[str, Any]) -> Dict[str, Any]:
     """The training settings (a TrainConfig as a dict) that change what a cell
     of ``head`` computes: all but the device for a trained head, only the
-    shot-group thresholds for one that does not train (ncm, knn)."""
+    shot-group settings for one that does not train (ncm, knn).
+
+    ``groups`` appears only when it is not "thresholds" (the default, and
+    the rule of every result stored before the field existed), so default
+    settings key a cell exactly as before."""
     if head_takes_loss(head):
-        return {k: v for k, v in train.items() if k not in _KEYLESS_TRAIN_FIELDS}
-    return {k: v for k, v in train.items() if k in _EVAL_TRAIN_FIELDS}
+        fields = {k: v for k, v in train.items() if k not in _KEYLESS_TRAIN_FIELDS}
+    else:
+        fields = {k: v for k, v in train.items() if k in _EVAL_TRAIN_FIELDS}
+    for name, default in _ADDED_TRAIN_DEFAULTS.items():
+        if fields.get(name, default) == default:
+            fields.pop(name, None)
+    return fields

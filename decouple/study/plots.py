@@ -8,7 +8,9 @@ without pyplot, so a user's backend and open figures are left alone).
   method, with the standard deviation over seeds as error bars.
 
 Both read only stored results (per-class accuracy and training counts live
-in the database), so the feature files need not be present.
+in the database), so the feature files need not be present, and carry a
+caption naming the shot-group rule of their cells
+(:func:`~decouple.study.export.shot_groups_note`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,33 @@ from matplotlib.figure import Figure
 
 from decouple.atomic import atomic_path
 from decouple.errors import DecoupleError
-from decouple.study.export import SummaryTable, summarize
+from decouple.study.export import SummaryTable, shot_groups_note, shot_rules, summarize
 from decouple.study.store import CellRecord
 
 GROUPS = ("many", "medium", "few")
-GROUP_LABELS = {"many": "Many (> 100)", "medium": "Medium (20–100)", "few": "Few (< 20)"}
+GROUP_NAMES = {"many": "Many", "medium": "Medium", "few": "Few"}
+THIRDS_LABELS = {"many": "Many (top third)", "medium": "Medium (middle third)", "few": "Few (bottom third)"}
+
+
+def group_labels(records: Sequence[CellRecord]) -> Dict[str, str]:
+    """Legend labels of the three groups under the records' shot-group rule,
+    e.g. "Many (> 100)"; plain names where the records used several rules."""
+    rules = shot_rules(records)
+    if len(rules) != 1:
+        return dict(GROUP_NAMES)
+    rule, many, few = rules[0]
+    if rule == "thirds":
+        return dict(THIRDS_LABELS)
+    return {"many": f"Many (> {many})", "medium": f"Medium ({few}–{many})", "few": f"Few (< {few})"}
+
+
+def _records_of(table: SummaryTable) -> List[CellRecord]:
+    return [record for row in table.rows for record in row.records]
+
+
+def _caption(figure, text: str) -> None:
+    """``text`` in small type under the axes (kept by savefig's tight bounding box)."""
+    figure.text(0.5, -0.02, text, ha="center", va="top", fontsize=7, wrap=True)
 
 
 def _figure(width: float, height: float):
@@ -115,6 +139,7 @@ def plot_per_class_accuracy(
     axis.grid(True, which="both", alpha=0.25)
     axis.set_title(title or f"Per-class accuracy vs training count ({split})")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _caption(figure, shot_groups_note(_records_of(table)))
     return _save(figure, Path(stem))
 
 
@@ -131,13 +156,14 @@ def plot_group_bars(
     width = 0.8 / len(GROUPS)
     positions = np.arange(len(labels))
     figure, axis = _figure(max(5.0, 0.7 * len(labels) + 2.0), 4.2)
+    legend = group_labels(_records_of(table))
     for offset, group in enumerate(GROUPS):
         stats = [row.stats.get((split, group)) for row in table.rows]
         means = [np.nan if stat is None or stat.mean is None else stat.mean for stat in stats]
         errors = [0.0 if stat is None or stat.std is None else stat.std for stat in stats]
         axis.bar(
             positions + (offset - 1) * width, means, width, yerr=errors, capsize=2,
-            label=GROUP_LABELS[group], error_kw={"linewidth": 0.8},
+            label=legend[group], error_kw={"linewidth": 0.8},
         )
     axis.set_xticks(positions)
     axis.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
@@ -147,6 +173,7 @@ def plot_group_bars(
     axis.grid(True, axis="y", alpha=0.25)
     axis.set_title(title or f"Many / medium / few-shot accuracy ({split})")
     axis.legend(fontsize=8, frameon=False, ncol=3, loc="upper right")
+    _caption(figure, shot_groups_note(_records_of(table)))
     return _save(figure, Path(stem))
 
 
