@@ -366,3 +366,32 @@ def test_a_device_that_does_not_exist_is_exit_2(run, device):
         pytest.skip("this machine has the device")
     result = invoke(["predict", run["best"], run["manifest"], "--device", device])
     assert result.exit_code == 2 and "--device" in result.output
+
+
+def test_every_result_and_csv_row_names_its_shot_group_rule(gaussian_feature_set):
+    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.config import TrainConfig
+    from decouple.stage_two.fit import fit_cell
+    from decouple.study.export import cells_csv
+
+    result = fit_cell(gaussian_feature_set, Cell("ncm"), train=TrainConfig(groups="thirds"))
+    assert result.params["shot_groups"]["rule"] == "thirds"
+    import csv
+    import io
+
+    record = _record("linear", "ce", 0, 0.8)
+    rows = list(csv.DictReader(io.StringIO(cells_csv([record]))))
+    assert {row["groups"] for row in rows} == {"many>100,few<20"}
+    record.train["groups"] = "thirds"
+    assert {row["groups"] for row in csv.DictReader(io.StringIO(cells_csv([record])))} == {"thirds"}
+
+
+def test_a_head_without_a_scorer_is_refused_before_fitting(gaussian_features, monkeypatch, tmp_path):
+    from decouple.deploy.save import fit_head_file
+    from decouple.stage_two import heads
+    from decouple.stage_two.cells import Cell
+
+    monkeypatch.setattr(heads.NCMHead, "scorer", heads.Head.scorer)
+    monkeypatch.setattr(heads.NCMHead, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
+    with pytest.raises(decouple.errors.ConfigError, match="cannot be saved as a model"):
+        fit_head_file(gaussian_features, Cell("ncm"), save_to=tmp_path / "m.pt")

@@ -114,10 +114,12 @@ def test_group_by_keeps_every_track_in_one_split(tracks):
     # whole groups: each class gives one track (5 frames) to test (target 0.2 * 40 = 8 -> 2 tracks) ...
     np.testing.assert_array_equal(manifest.counts("test"), [10, 10, 10])
     assert sum(len(items) for items in manifest.splits.values()) == 3 * 8 * 5
-    assert manifest.info["groups"] == {"from": f"--group-by {TRACK}", "count": 24, "spanning_classes": 0}
+    assert manifest.info["groups"] == {
+        "from": f"--group-by {TRACK}", "count": 24, "spanning_classes": 0, "classes_missing": {},
+    }
     # the groups travel with the images
     for items in manifest.splits.values():
-        assert items.groups == [track_of(ref) for ref in items.refs]
+        assert items.groups == [f"{label}:{track_of(ref)}" for ref, label in zip(items.refs, items.labels.tolist())]
 
 
 def test_without_group_by_the_same_folder_leaks_tracks(tracks):
@@ -199,7 +201,7 @@ def test_manifest_with_groups_round_trips_and_reproduces_the_split(tracks, tmp_p
     path = save_manifest(manifest, tmp_path / "run.manifest.csv")
     lines = path.read_text().splitlines()
     assert lines[0] == "path,label,split,group"
-    assert lines[1].split(",")[3] == track_of(lines[1].split(",")[0])
+    assert lines[1].split(",")[3].split(":", 1)[1] == track_of(lines[1].split(",")[0])
     back = read_manifest(path)
     for name, items in manifest.splits.items():
         assert back.splits[name].groups == items.groups
@@ -213,7 +215,8 @@ def test_manifest_with_groups_round_trips_and_reproduces_the_split(tracks, tmp_p
 def test_a_group_column_in_a_user_manifest_groups_the_carve(tracks, tmp_path):
     rows = ["path,group,label"]  # a header naming the columns, in its own order
     for ref in sorted(tracks.rglob("*.png")):
-        rows.append(f"{ref.relative_to(tracks.parent)},{track_of(str(ref))},{ref.parent.name}")
+        # --group-by names a group "<class index>:<capture>" (class_<c> is class c)
+        rows.append(f"{ref.relative_to(tracks.parent)},{ref.parent.name[6:]}:{track_of(str(ref))},{ref.parent.name}")
     csv_path = tracks.parent / "tracks.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     manifest = prepare_manifest(csv_path, SplitOptions(val_fraction=0.2, test_fraction=0.2))
@@ -257,3 +260,37 @@ def test_extract_group_by_on_the_command_line(tracks, tmp_path):
     result = CliRunner().invoke(cli, args[:2] + [str(bad)] + args[3:])
     assert result.exit_code == 2
     assert "frame.png: file name 'frame.png' does not match --group-by" in result.output
+
+
+def test_track_numbers_that_restart_in_every_class_stay_apart(tmp_path):
+    """GTSRB numbers tracks from 0 in every class folder: --group-by groups
+    within a class, so track 0 of one class is not track 0 of another, and
+    every class still gets its share of val and test."""
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        folder = tmp_path / "data" / f"class_{c}"
+        folder.mkdir(parents=True)
+        for t in range(6):
+            for f in range(5):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{t:05d}_{f:05d}.png")
+    manifest = prepare_manifest(tmp_path / "data", SplitOptions(group_by=TRACK, val_fraction=0.2, test_fraction=0.2))
+    for name in ("val", "test"):
+        assert (manifest.counts(name) > 0).all(), name
+    assert manifest.info["groups"]["count"] == 24 and manifest.info["groups"]["classes_missing"] == {}
+    found: Dict[str, Set[str]] = {}
+    for name, items in manifest.splits.items():
+        for ref, label in zip(items.refs, items.labels.tolist()):
+            found.setdefault(f"{label}:{track_of(ref)}", set()).add("test" if name == "test_lt" else name)
+    assert all(len(splits) == 1 for splits in found.values())
+
+
+def test_a_class_in_one_group_is_reported_missing_from_val(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, tracks in enumerate((6, 1)):
+        folder = tmp_path / "data" / f"class_{c}"
+        folder.mkdir(parents=True)
+        for t in range(tracks):
+            for f in range(5):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{t:05d}_{f:05d}.png")
+    manifest = prepare_manifest(tmp_path / "data", SplitOptions(group_by=TRACK, val_fraction=0.2, test_fraction=0.2))
+    assert manifest.info["groups"]["classes_missing"] == {"val": ["class_1"], "test": ["class_1"]}

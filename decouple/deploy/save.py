@@ -11,11 +11,12 @@ from decouple.deploy.build import build_model_file, find_backbone
 from decouple.deploy.model import model_from_file
 from decouple.deploy.model_file import ModelFile, PathLike, write_model_file
 from decouple.deploy.portable import EXPORTS, export_portable
-from decouple.errors import DecoupleError
+from decouple.errors import ConfigError, DecoupleError
 from decouple.features import read_features
 from decouple.stage_two.cells import Cell, CellResult, validate_cell
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.fit import fit_cell
+from decouple.stage_two.heads import HEADS, Head
 
 #: ``decouple`` (the model file that ``decouple predict`` reads) or a portable format.
 MODEL_FORMATS = ("decouple",) + tuple(EXPORTS)
@@ -101,6 +102,8 @@ def fit_head_file(
     typo or a missing checkpoint fails at once."""
     cell = validate_cell(cell)
     train = train.validated()
+    if save_to is not None and HEADS.get(cell.head).scorer is Head.scorer:
+        raise ConfigError(f"head {cell.head!r} cannot be saved as a model: it defines no scorer()")
     feature_set = read_features(path)
     backbone = find_backbone(feature_set, weights=backbone_weights) if save_to is not None else None
     result = fit_cell(feature_set, cell, train=train, keep_head=save_to is not None)

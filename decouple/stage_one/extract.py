@@ -334,6 +334,12 @@ def _make_manifest(config: ExtractConfig, log: Callable[[str], None]) -> Manifes
     groups = manifest.info.get("groups")
     if groups:
         log(f"groups: {groups['count']} (from {groups['from']}); carved splits are group-disjoint from train")
+        if groups.get("spanning_classes"):
+            log(f"warning: {groups['spanning_classes']} group(s) hold images of several classes; each went whole "
+                f"with its majority class")
+        for split, absent in (groups.get("classes_missing") or {}).items():
+            log(f"warning: {split} has no image of {len(absent)} class(es) ({', '.join(absent[:5])}"
+                f"{', ...' if len(absent) > 5 else ''}): their images are in too few groups to spare one")
     skipped = manifest.info.get("skipped_images", [])
     if skipped:
         listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")

@@ -95,17 +95,19 @@ def group_pattern(pattern: str) -> "re.Pattern[str]":
 
 def name_groups(items: SplitItems, pattern: str) -> SplitItems:
     """``items`` with the group of each image: the first capture group of ``pattern``
-    searched in its file name. DataError naming the first name that does not match."""
+    searched in its file name, within its class (``"<class index>:<capture>"``:
+    numbering that restarts in every class folder, as GTSRB's tracks do, never
+    merges two classes' groups). DataError naming the first name that does not match."""
     compiled = group_pattern(pattern)
     groups: List[str] = []
     unmatched = []
-    for ref in items.refs:
+    for ref, label in zip(items.refs, items.labels.tolist()):
         name = os.path.basename(ref)
         match = compiled.search(name)
         if match is None or not match.group(1):
             unmatched.append(ref)
         else:
-            groups.append(match.group(1))
+            groups.append(f"{label}:{match.group(1)}")
     if unmatched:
         raise DataError(
             f"{unmatched[0]}: file name {os.path.basename(unmatched[0])!r} does not match --group-by '{pattern}' "
@@ -344,8 +346,23 @@ def build_manifest(data: SourceData, options: SplitOptions = SplitOptions()) -> 
         )
         splits["train"], splits["val"] = train.subset(kept), train.subset(carved)
         info["val_carved"] = {"fraction": options.val_fraction, "min_per_class": options.min_val_per_class}
+    if "groups" in info:
+        info["groups"]["classes_missing"] = _classes_missing(data, splits)
     ordered = {name: splits[name] for name in SPLIT_NAMES if name in splits and len(splits[name])}
     return Manifest(list(data.class_names), ordered, info)
+
+
+def _classes_missing(data: SourceData, splits: Dict[str, SplitItems]) -> Dict[str, List[str]]:
+    """Split -> the classes it has no image of (e.g. a class with one group,
+    which stays in train); empty when every split holds every class."""
+    missing = {}
+    for name in ("val", "test"):
+        if name in splits:
+            counts = np.bincount(splits[name].labels, minlength=len(data.class_names))
+            absent = [data.class_names[c] for c in np.flatnonzero(counts == 0)]
+            if absent:
+                missing[name] = absent
+    return missing
 
 
 def _group_info(splits: Dict[str, SplitItems], options: SplitOptions) -> Dict[str, Any]:

@@ -104,6 +104,10 @@ class _Results:
             params["sampler"] = plan.head.sampler_params_
             params["train"] = self.train.to_dict()
         params["calibration"] = calibration
+        # The rule of the many / medium / few metrics, beside them for every head
+        # (training-free heads record no train settings).
+        params["shot_groups"] = {"rule": self.train.groups, "many_threshold": self.train.many_threshold,
+                                 "few_threshold": self.train.few_threshold}
         result = CellResult(
             features=_label_of(self.feature_set),
             head=plan.cell.head,

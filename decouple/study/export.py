@@ -86,6 +86,7 @@ def cell_rows(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] 
             for name, value in values.items():
                 if name not in row and name != "per_class" and _is_number(value):
                     row[name] = value
+            row["groups"] = _rule_text(shot_rule_of(record))
             row["fit_seconds"] = record.fit_seconds
             row["cell_key"] = record.cell_key
             rows.append(row)
@@ -463,6 +464,12 @@ def shot_rule_of(record: CellRecord) -> ShotRule:
     if rule != "thresholds":
         return rule, None, None
     return rule, int(train.get("many_threshold", MANY_THRESHOLD)), int(train.get("few_threshold", FEW_THRESHOLD))
+
+
+def _rule_text(rule: ShotRule) -> str:
+    """A shot-group rule as a short CSV value: "many>100,few<20" or "thirds"."""
+    name, many, few = rule
+    return name if name != "thresholds" else f"many>{many},few<{few}"
 
 
 def shot_rules(records: Sequence[CellRecord]) -> List[ShotRule]:

@@ -52,8 +52,10 @@ def _records_of(table: SummaryTable) -> List[CellRecord]:
 
 
 def _caption(figure, text: str) -> None:
-    """``text`` in small type under the axes (kept by savefig's tight bounding box)."""
-    figure.text(0.5, -0.02, text, ha="center", va="top", fontsize=7, wrap=True)
+    """``text`` in small type under the axes and their (possibly rotated) tick
+    labels: a figure-level x label, placed by the constrained layout."""
+    figure.set_layout_engine("constrained")
+    figure.supxlabel(text, fontsize=7)
 
 
 def _figure(width: float, height: float):
