@@ -27,7 +27,7 @@ NLL is finite even where a head gives the label a probability of exactly 0
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -66,17 +66,19 @@ def _checked(labels, scores) -> Tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64, copy=False), scores
 
 
+def _row_chunks(scores: np.ndarray) -> Iterator[Tuple[int, np.ndarray]]:
+    """(start, rows start.. of ``scores`` (N, C) in float64), about
+    :data:`_CHUNK_ENTRIES` entries at a time."""
+    step = max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1))
+    for start in range(0, len(scores), step):
+        yield start, np.asarray(scores[start:start + step], dtype=np.float64)
+
+
 def calibratable(scores) -> bool:
     """Whether ``scores`` (N, C) can be read as logits: no NaN or +inf, and a
     finite maximum in every row (-inf entries are fine). A diverged head
     gives scores that are not; its calibration is then not defined."""
-    scores = np.asarray(scores)
-    step = max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1)) if scores.ndim == 2 else 1
-    for start in range(0, len(scores), step):
-        top = np.asarray(scores[start:start + step], dtype=np.float64).max(axis=1)
-        if not np.all(np.isfinite(top)):
-            return False
-    return True
+    return all(np.all(np.isfinite(chunk.max(axis=1))) for _, chunk in _row_chunks(np.asarray(scores)))
 
 
 def _checked_temperature(temperature: float) -> float:
@@ -93,9 +95,7 @@ def _shifted_chunks(scores: np.ndarray, temperature: float):
     to at least 1 and nothing overflows. A row whose maximum is NaN, +inf or
     -inf (a NaN anywhere, or no finite score) is refused.
     """
-    step = max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1))
-    for start in range(0, len(scores), step):
-        chunk = np.asarray(scores[start:start + step], dtype=np.float64)
+    for start, chunk in _row_chunks(scores):
         top = chunk.max(axis=1)
         if not np.all(np.isfinite(top)):
             row = start + int(np.flatnonzero(~np.isfinite(top))[0])
@@ -177,10 +177,8 @@ def temperature_bounds(scores) -> Tuple[float, float]:
     """The range :func:`fit_temperature` searches: RELATIVE_TEMPERATURE_BOUNDS
     times the spread of ``scores`` (N, C), the mean over rows of the range
     (max - min) of their finite scores; (0, 0) when every row is constant."""
-    scores = np.asarray(scores)
     spreads = []
-    for start in range(0, len(scores), max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1))):
-        block = scores[start : start + max(1, _CHUNK_ENTRIES // max(scores.shape[1], 1))].astype(np.float64)
+    for _, block in _row_chunks(np.asarray(scores)):
         finite = np.isfinite(block)
         high = np.where(finite, block, -np.inf).max(axis=1)
         low = np.where(finite, block, np.inf).min(axis=1)
@@ -218,7 +216,6 @@ def fit_temperature(labels, scores) -> float:
         method="bounded",
         options={"xatol": _LOG_TEMPERATURE_TOLERANCE, "maxiter": 500},
     )
-    log_temperature = float(found.x)
-    if not nll_at(log_temperature) < nll_at(0.0):
+    if not found.fun < nll_at(0.0):  # found.fun: the NLL at found.x
         return 1.0
-    return float(np.exp(log_temperature))
+    return float(np.exp(found.x))
