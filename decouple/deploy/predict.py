@@ -9,6 +9,7 @@ reason when it could not be read, in which case the run goes on).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -159,19 +160,24 @@ def predict_rows(
     any), ``labels`` and ``probabilities`` (top-k, calibrated), ``error``.
     ``inputs`` are :class:`Input` or PIL images. The model runs on
     ``device`` if given (it is moved there), else where it is.
-    ``summary`` is updated as rows go."""
+    ``summary`` is updated as rows go. The options and labels are checked
+    at the call, before any row is asked for (so before anything is written)."""
     _check_options(top_k=top_k, batch_size=batch_size)
+    check_labels(model, inputs)
     if device is not None:
         model = model.to(device)
-    device = model.temperature.device
-    model = model.eval()
-    check_labels(model, inputs)
-    top_k = min(int(top_k), len(model.class_names))
     loader = torch.utils.data.DataLoader(
         _Images(inputs, model.transform()), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        collate_fn=_collate, pin_memory=model.temperature.device.type == "cuda",
     )
-    summary = summary if summary is not None else PredictSummary()
+    return _rows(model.eval(), inputs, loader, top_k=min(int(top_k), len(model.class_names)),
+                 summary=summary if summary is not None else PredictSummary(), progress=progress)
+
+
+def _rows(model: DecoupleModel, inputs: Sequence[Any], loader, *, top_k: int, summary: PredictSummary,
+          progress: bool) -> Iterator[Dict[str, Any]]:
+    """The rows of :func:`predict_rows`, batch by batch."""
+    device = model.temperature.device
     bar = tqdm(total=len(inputs), unit="img", desc="predict", disable=not progress, leave=False)
     position = 0
     try:
@@ -229,7 +235,7 @@ class RowWriter:
     def __init__(self, stream: TextIO, *, format: str, top_k: int, with_labels: bool) -> None:
         if format not in FORMATS:
             raise DecoupleError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
-        self.stream, self.format, self.with_labels = stream, format, with_labels
+        self.stream, self.format, self.top_k, self.with_labels = stream, format, top_k, with_labels
         if format == "csv":
             columns = ["path"] + (["label"] if with_labels else [])
             for rank in range(1, top_k + 1):
@@ -247,7 +253,7 @@ class RowWriter:
             return
         values: List[Any] = [row["path"]] + ([row["label"] or ""] if self.with_labels else [])
         ranked = list(zip(row["labels"], row["probabilities"]))
-        for rank in range((len(self.columns) - len(values) - 1) // 2):
+        for rank in range(self.top_k):
             values += [ranked[rank][0], f"{ranked[rank][1]:.6g}"] if rank < len(ranked) else ["", ""]
         self.csv.writerow(values + [row["error"] or ""])
 
@@ -258,15 +264,20 @@ def write_rows(
 ) -> None:
     """Write prediction rows to ``out`` atomically (a temporary file renamed at
     the end), or to stdout as they come when ``out`` is None."""
-    if out is None:
-        writer = RowWriter(sys.stdout, format=format, top_k=top_k, with_labels=with_labels)
+    with _output(out) as stream:
+        writer = RowWriter(stream, format=format, top_k=top_k, with_labels=with_labels)
         for row in rows:
             writer.write(row)
+
+
+@contextlib.contextmanager
+def _output(out: Optional[Union[str, os.PathLike]]) -> Iterator[TextIO]:
+    """stdout, or a temporary file committed to ``out`` when the block succeeds."""
+    if out is None:
+        yield sys.stdout
         return
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = RowWriter(handle, format=format, top_k=top_k, with_labels=with_labels)
-        for row in rows:
-            writer.write(row)
+        yield handle
 
 
 def write_predictions(
@@ -282,9 +293,7 @@ def write_predictions(
     """Classify ``inputs`` and write a row per image (:func:`write_rows`);
     ``options`` go to :func:`predict_rows`."""
     summary = summary if summary is not None else PredictSummary()
-    _check_options(top_k=top_k, batch_size=options.get("batch_size", 64))  # before anything is written
-    check_labels(model, inputs)
+    rows = predict_rows(model, inputs, top_k=top_k, summary=summary, **options)  # checks before writing
     with_labels = any(getattr(item, "label", None) is not None for item in inputs)
-    rows = predict_rows(model, inputs, top_k=top_k, summary=summary, **options)
     write_rows(rows, out, format=format, top_k=min(int(top_k), len(model.class_names)), with_labels=with_labels)
     return summary
