@@ -43,3 +43,10 @@ def did_you_mean(name: object, known: Iterable[str], *, n: int = 1, cutoff: floa
     unknown-name message appends."""
     close = difflib.get_close_matches(str(name), list(known), n=n, cutoff=cutoff)
     return f" (did you mean {' or '.join(repr(entry) for entry in close)}?)" if close else ""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when the
+    message is empty), cut to ``limit`` characters: the reason inside a
+    one-line error about a library's failure."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from decouple import __version__
 from decouple.deploy.model_file import ModelFile, PathLike
-from decouple.errors import DecoupleError
+from decouple.errors import DecoupleError, first_line
 from decouple.provenance import file_sha256, jsonable, package_versions, utc_now
 from decouple.stage_one.backbones import create_backbone, embedding_dim, read_state_dict, state_dict_sha256
 from decouple.stage_one.finetune import data_config_for, seed_everything
@@ -81,7 +81,7 @@ def find_backbone(
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            tried.append(f"{source} ({str(exc).splitlines()[0][:80]})")
+            tried.append(f"{source} ({first_line(exc, 80)})")
             return False
         return True
 
@@ -155,9 +155,11 @@ def build_model_file(
     selection: Mapping[str, Any],
     backbone_weights: Optional[PathLike] = None,
     backbone: Optional[Tuple[nn.Module, str, Dict[str, Any]]] = None,
+    features_sha256: Optional[str] = None,
 ) -> ModelFile:
     """The model file of ``result`` (fitted with ``keep_head``) on ``feature_set``;
-    ``backbone``: what :func:`find_backbone` returned, if already found."""
+    ``backbone``: what :func:`find_backbone` returned, if already found;
+    ``features_sha256``: the feature file's, if already known (else hashed here)."""
     head = result.fitted_head
     if head is None:
         raise ValueError("the cell result holds no fitted head: fit it with keep_head=True")
@@ -170,7 +172,8 @@ def build_model_file(
             "name": str(feature_set.backbone),
             "num_classes": feature_set.num_classes,
             "embedding_dim": embedding_dim(model),
-            "weights_sha256": state_dict_sha256(model.state_dict()),
+            # find_backbone checked the weights against the recorded hash, where there is one
+            "weights_sha256": feature_set.attrs.get("model_sha256") or state_dict_sha256(model.state_dict()),
             "weights_source": weights_source,
         },
         "preprocess": preprocess_of(model, feature_set, config),
@@ -187,7 +190,7 @@ def build_model_file(
         "selection": dict(selection),
         "provenance": {
             "features": str(feature_set.path),
-            "features_sha256": file_sha256(feature_set.path) if feature_set.path else None,
+            "features_sha256": features_sha256 or (file_sha256(feature_set.path) if feature_set.path else None),
             "feature_weights_sha256": feature_set.attrs.get("weights_sha256"),
             "extract_config": config,
             "extract_versions": json.loads(feature_set.attrs.get("versions") or "{}"),

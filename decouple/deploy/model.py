@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from decouple.deploy.model_file import ModelFile, ModelFileError, PathLike, read_model_file
-from decouple.errors import DecoupleError
+from decouple.errors import DecoupleError, first_line
 from decouple.stage_one.backbones import create_backbone, embed
 from decouple.stage_one.finetune import make_transform
 from decouple.stage_two.scorers import rebuild_scorer
@@ -72,8 +72,7 @@ def model_from_file(model_file: ModelFile, *, source: str = "<in memory>") -> De
         backbone, _ = create_backbone(str(backbone_meta["name"]), num_classes=int(backbone_meta["num_classes"]))
         backbone.load_state_dict(model_file.backbone, strict=True)
     except (DecoupleError, RuntimeError, KeyError, TypeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelFileError(f"{source}: the backbone cannot be rebuilt ({reason})") from None
+        raise ModelFileError(f"{source}: the backbone cannot be rebuilt ({first_line(exc, 200)})") from None
     scorer_meta = meta["scorer"]
     try:
         scorer = rebuild_scorer(str(scorer_meta["name"]), model_file.scorer, scorer_meta.get("settings", {}))
@@ -100,8 +99,9 @@ def _check_runs(model: DecoupleModel, source: str) -> None:
         with torch.no_grad():
             logits = model(torch.zeros(1, *model.input_size))
     except (RuntimeError, ValueError, TypeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelFileError(f"{source}: the model does not run on a {model.input_size} image ({reason})") from None
+        raise ModelFileError(
+            f"{source}: the model does not run on a {model.input_size} image ({first_line(exc)})"
+        ) from None
     if tuple(logits.shape) != (1, len(model.class_names)):
         raise ModelFileError(
             f"{source}: the model gives {logits.shape[-1]} scores per image for {len(model.class_names)} class names"

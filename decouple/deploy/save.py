@@ -75,14 +75,16 @@ def save_cell(
     selection: Optional[Mapping[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
     backbone: Optional[Tuple[Any, str, Dict[str, Any]]] = None,
+    features_sha256: Optional[str] = None,
     format: str = "decouple",
 ) -> SavedModel:
     """Save a cell fitted with ``keep_head`` on ``feature_set`` as a model
-    (``backbone``: :func:`~decouple.deploy.build.find_backbone`'s answer, if known)."""
+    (``backbone``: :func:`~decouple.deploy.build.find_backbone`'s answer, and
+    ``features_sha256`` the feature file's, if known)."""
     check_format(format)
     model_file = build_model_file(
         feature_set, result, selection=selection or {"by": "given"}, backbone_weights=backbone_weights,
-        backbone=backbone,
+        backbone=backbone, features_sha256=features_sha256,
     )
     written = write_model(model_file, path, format=format)
     return SavedModel(path=written, format=format, meta=model_file.meta)

@@ -39,7 +39,7 @@ try:
 except ImportError:  # timm without hub support: no offline switch to flip
     hub_constants = None
 
-from decouple.errors import DecoupleError, UnknownNameError, did_you_mean
+from decouple.errors import DecoupleError, UnknownNameError, did_you_mean, first_line
 from decouple.provenance import file_sha256
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -309,10 +309,7 @@ def read_state_dict(path: PathLike, *, option: str = "--weights") -> Dict[str, t
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DecoupleError(
-            f"{option} {path}: cannot be read as a PyTorch state dict ({first})"
-        ) from None
+        raise DecoupleError(f"{option} {path}: cannot be read as a PyTorch state dict ({first_line(exc)})") from None
     state = loaded
     while isinstance(state, Mapping) and not _is_tensor_dict(state):
         inner = next((state[k] for k in _CONTAINER_KEYS if isinstance(state.get(k), Mapping)), None)

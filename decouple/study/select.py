@@ -145,5 +145,6 @@ def save_best(
     selection["refit_matches"] = refit_agrees(record, result, split=split, metric=metric)
     selection["refit_value"] = result.metrics.get(split, {}).get(metric)
     return save_cell(
-        feature_set, result, path, selection=selection, backbone_weights=backbone_weights, format=format
+        feature_set, result, path, selection=selection, backbone_weights=backbone_weights,
+        features_sha256=record.features_sha256, format=format,  # refit_record checked the file against it
     )
