@@ -142,15 +142,15 @@ def stratified_carve(
     but never a class's last image; with ``groups`` (N,), whole groups (see :func:`group_carve`)."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"split fraction must lie in [0, 1); got {fraction}")
+    class_counts = np.bincount(labels, minlength=num_classes)
+    # per class: max(minimum, round(fraction * n)) but never the last image (np.round, like round, to even)
+    targets = np.minimum(
+        np.maximum(minimum, np.round(fraction * class_counts).astype(np.int64)), np.maximum(class_counts - 1, 0)
+    )
     if groups is not None:
-        class_counts = np.bincount(labels, minlength=num_classes)
-        targets = np.minimum(
-            np.maximum(minimum, np.round(fraction * class_counts).astype(np.int64)), np.maximum(class_counts - 1, 0)
-        )
         return group_carve(labels, groups, num_classes, targets=targets, seed=seed, purpose=purpose)
     kept, carved = [], []
-    for indices in _per_class(labels, num_classes, _rng(seed, purpose)):
-        take = min(max(minimum, int(round(fraction * len(indices)))), max(len(indices) - 1, 0))
+    for indices, take in zip(_per_class(labels, num_classes, _rng(seed, purpose)), targets.tolist()):
         carved.append(indices[:take])
         kept.append(indices[take:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))
