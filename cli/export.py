@@ -38,6 +38,16 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
 @click.option("--seed", "seeds", multiple=True, type=int, metavar="N", help="Only this seed; repeatable.")
 @click.option("--percent/--fraction", default=True, show_default=True, help="Show accuracies (and ECE) in % or as fractions; NLL is shown in nats either way.")
 @click.option("--digits", default=1, show_default=True, type=click.IntRange(0, 6), help="Decimals shown in tables (NLL: two more under --percent).")
+@click.option("--ci", is_flag=True,
+              help="Add a bootstrap confidence interval [low, high] to every label-based metric (not ECE/NLL): "
+                   "the split's images resampled within each class from the stored per-image predictions; "
+                   "a summary row's interval is that of its mean over seeds. Needs a database written by "
+                   "this version (results schema 2).")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(10, 100_000),
+              help="Bootstrap resamples for --ci.")
+@click.option("--ci-seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the --ci resamples.")
+@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999),
+              help="Confidence level of the --ci intervals.")
 @click.option("--plots", "plots_dir", default=None, metavar="DIR",
               help="Also write per-class-accuracy and many/medium/few plots (PNG and SVG) here.")
 def export(
@@ -55,6 +65,10 @@ def export(
     seeds: Tuple[int, ...],
     percent: bool,
     digits: int,
+    ci: bool,
+    resamples: int,
+    ci_seed: int,
+    confidence: float,
     plots_dir: Optional[str],
 ) -> None:
     """Tables and plots from a sweep's results database."""
@@ -70,6 +84,8 @@ def export(
         losses=losses or None,
         samplers=samplers or None,
         seeds=seeds or None,
+        # Per-image predictions: what --ci resamples, and part of a cell in the per-cell JSON.
+        predictions=ci or format_ == "json",
     )
     if not records:
         raise DecoupleError(f"{db}: no cells match the selection (--features/--head/--loss/--sampler/--seed)")
@@ -82,6 +98,10 @@ def export(
         rows=_split_commas(rows),
         percent=percent,
         digits=digits,
+        ci=ci,
+        resamples=resamples,
+        ci_seed=ci_seed,
+        confidence=confidence,
     )
     if plots_dir is not None:
         from decouple.study.plots import export_plots

@@ -18,6 +18,7 @@ COMMANDS: Dict[str, str] = {
     "extract": "cli.extract:extract",
     "sweep": "cli.sweep:sweep",
     "export": "cli.export:export",
+    "recommend": "cli.recommend:recommend",
     "demo": "cli.demo:demo",
     "save-model": "cli.save_model:save_model",
     "predict": "cli.predict:predict",
@@ -60,6 +61,8 @@ def cli() -> None:
     Stage two:  decouple head      retrain a classifier head on cached embeddings
                 decouple sweep     run a grid of heads x losses x samplers x seeds
                 decouple export    tables and plots from a sweep's results
+                decouple recommend the val-best method, the methods val cannot
+                                   tell from it, and its test scores with intervals
     Deploy:     decouple save-model  the val-best method of a sweep as one model file
                 decouple predict   classify images with a model file
     Also:       decouple demo      the whole pipeline on built-in data

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -22,12 +23,22 @@ def test_head_json_is_designs_object_and_output_appends(tmp_path, gaussian_featu
     args = ["head", "--features", gaussian_features, "--loss", "balanced_softmax", "--epochs", "3",
             "--json", "--output", str(output)]
     printed = json.loads(_run(args))
-    assert list(printed) == ["features", "head", "loss", "sampler", "seed", "params", "fit_seconds", "metrics"]
+    assert list(printed) == ["features", "head", "loss", "sampler", "seed", "params", "fit_seconds", "metrics",
+                             "predictions"]
     assert (printed["head"], printed["loss"], printed["sampler"], printed["seed"]) == (
         "linear", "balanced_softmax", "instance", 0)
     assert printed["features"] == gaussian_features
     assert set(printed["metrics"]) == {"val", "test"}
     assert printed["params"]["train"]["epochs"] == 3
+    # Every scored split's per-image predictions, from which its metrics follow.
+    from decouple.predictions import SplitPredictions
+
+    assert set(printed["predictions"]) == {"val", "test"}
+    for split, data in printed["predictions"].items():
+        predicted = SplitPredictions.from_json(data)
+        assert predicted.top.shape == (printed["metrics"][split]["n"], 5)
+        assert np.mean(predicted.predicted == predicted.labels) == printed["metrics"][split]["top1"]
+        assert np.mean((predicted.top == predicted.labels[:, None]).any(axis=1)) == printed["metrics"][split]["top5"]
     _run(["head", "--features", gaussian_features, "--head", "ncm", "--output", str(output)])
     lines = output.read_text().splitlines()
     assert len(lines) == 2

@@ -314,11 +314,12 @@ def _record(head, loss, seed, val, *, ece=0.1):
 def test_selection_takes_the_best_mean_over_seeds_then_its_best_seed(monkeypatch):
     """The single best cell (focal, seed 1) belongs to the method with the
     worse mean; test scores, inverted here, play no part."""
+    import decouple.study.ranking as ranking
     import decouple.study.select as select
 
     records = [_record("linear", "ce", 0, 0.80), _record("linear", "ce", 1, 0.84),
                _record("linear", "focal", 0, 0.70), _record("linear", "focal", 1, 0.90)]
-    monkeypatch.setattr(select, "load_records", lambda db, features=None: records)
+    monkeypatch.setattr(ranking, "load_records", lambda db, features=None, predictions=False: records)
     chosen, selection = select.select_record("db")
     assert chosen.cell_key == "linear-ce-1"
     assert selection["method_mean"] == pytest.approx(0.82) and selection["method_seeds"] == 2

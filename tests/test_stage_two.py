@@ -155,7 +155,9 @@ def test_tau_norm_and_lws_start_from_the_linear_heads_weights(gaussian_feature_s
 
 def test_to_json_is_designs_object(acceptance):
     record = acceptance["balanced_softmax"].to_json()
-    assert list(record) == ["features", "head", "loss", "sampler", "seed", "params", "fit_seconds", "metrics"]
+    assert list(record) == ["features", "head", "loss", "sampler", "seed", "params", "fit_seconds", "metrics",
+                            "predictions"]
+    assert set(record["predictions"]) == set(record["metrics"])
     assert record["loss"] == "balanced_softmax" and record["sampler"] == "instance"
     for key in ("n", "top1", "top5", "macro_f1", "many", "medium", "few"):
         assert key in record["metrics"]["test"]

@@ -510,3 +510,23 @@ def test_head_takes_loss_follows_each_head_class():
     assert [name for name in HEADS.names() if head_takes_loss(name)] == ["linear", "cosine", "tau_norm", "lws"]
     assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn"]
     assert Head.trainable is False  # a new head takes no loss unless its class says so
+
+
+def test_every_stored_cell_keeps_the_per_image_predictions_its_metrics_came_from(full_run):
+    """What export --ci and recommend resample: each scored split's labels and
+    top-5, consistent with the stored top-1 and top-5."""
+    import numpy as np
+
+    from decouple.features import read_features
+
+    path, db = full_run
+    with ResultStore.open_existing(db) as store:
+        records = store.records(predictions=True)
+    feature_set = read_features(records[0].features)
+    for record in records:
+        assert set(record.predictions) == set(record.metrics) == {"val", "test"}
+        for split, predicted in record.predictions.items():
+            assert np.array_equal(predicted.labels, feature_set.splits[split].labels)
+            assert np.mean(predicted.predicted == predicted.labels) == record.metrics[split]["top1"]
+            hits = (predicted.top == predicted.labels[:, None]).any(axis=1)
+            assert np.mean(hits) == record.metrics[split]["top5"]

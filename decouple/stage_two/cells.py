@@ -10,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from decouple.errors import ConfigError
+from decouple.predictions import SplitPredictions
 from decouple.provenance import jsonable
 from decouple.stage_two.heads import HEADS
 from decouple.stage_two.losses import LOSSES
@@ -46,6 +47,9 @@ class CellResult:
     params: Dict[str, Any]
     fit_seconds: float
     metrics: Dict[str, Dict[str, Any]]
+    #: Per-image predictions of every scored split (:mod:`decouple.predictions`),
+    #: which the bootstrap intervals of export and recommend resample.
+    predictions: Dict[str, SplitPredictions] = field(default_factory=dict, repr=False)
     #: The fitted head itself, when :func:`~decouple.stage_two.fit.fit_cells`
     #: was asked to keep it (``keep_heads``); not part of the JSON result.
     fitted_head: Any = field(default=None, repr=False, compare=False)
@@ -61,6 +65,7 @@ class CellResult:
             "params": jsonable(self.params),
             "fit_seconds": round(float(self.fit_seconds), 4),
             "metrics": jsonable(self.metrics),
+            "predictions": {split: value.to_json() for split, value in self.predictions.items()},
         }
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from decouple.calibration import DEFAULT_BINS, calibratable, fit_temperature
 from decouple.metrics import evaluate
+from decouple.predictions import SplitPredictions
 from decouple.stage_two.cells import Cell, CellResult, freeze_settings, method_params, validate_cell
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.heads import create_head
@@ -25,11 +26,12 @@ def _label_of(feature_set) -> str:
     return str(feature_set.path) if feature_set.path is not None else "<in memory>"
 
 
-def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
-    """(metrics of every split but train, calibration): a temperature is
-    fitted on the val split's scores (Guo et al. 2017; T = 1 without val)
-    and every split is scored before and after it. Each split's scores are
-    computed once."""
+def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any],
+                                                                Dict[str, SplitPredictions]]:
+    """(metrics, calibration, per-image predictions) of every split but
+    train: a temperature is fitted on the val split's scores (Guo et al.
+    2017; T = 1 without val) and every split is scored before and after it.
+    Each split's scores are computed once."""
     splits = feature_set.eval_splits
     scores = {}
     if "val" in splits:
@@ -42,7 +44,7 @@ def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[s
     else:
         temperature, selected_on = 1.0, "default"
     counts = feature_set.train_counts
-    metrics = {}
+    metrics, predictions = {}, {}
     for name in splits:
         split = feature_set.splits[name]
         split_scores = scores.pop(name) if name in scores else head.decision_function(split.features)
@@ -55,7 +57,9 @@ def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[s
             few_threshold=train.few_threshold,
             temperature=temperature,
         )
-    return metrics, {"temperature": temperature, "selected_on": selected_on, "bins": DEFAULT_BINS}
+        predictions[name] = SplitPredictions.from_scores(split.labels, split_scores)
+    calibration = {"temperature": temperature, "selected_on": selected_on, "bins": DEFAULT_BINS}
+    return metrics, calibration, predictions
 
 
 @dataclass
@@ -97,7 +101,7 @@ class _Results:
         self.bar = tqdm(total=count, unit="cell", desc=label, leave=False) if progress else None
 
     def finish(self, plan: _Plan, seconds: float) -> None:
-        metrics, calibration = _score_head(plan.head, self.feature_set, self.train)
+        metrics, calibration, predictions = _score_head(plan.head, self.feature_set, self.train)
         params = {"head": plan.head.get_params(), **plan.head.selection_()}
         if plan.head.trainable:
             params["loss"] = plan.head.loss_params_
@@ -117,6 +121,7 @@ class _Results:
             params=params,
             fit_seconds=seconds,
             metrics=metrics,
+            predictions=predictions,
             fitted_head=plan.head if self.keep_heads else None,
         )
         self.results[plan.index] = result

@@ -13,6 +13,7 @@ image files (``decouple predict``).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -33,6 +34,7 @@ from decouple.stage_two.samplers import SAMPLERS
 from decouple.study.config import parse_config
 from decouple.study.export import render
 from decouple.study.plots import export_plots
+from decouple.study.recommend import describe, recommend
 from decouple.study.runner import run_sweep
 from decouple.study.select import save_best
 from decouple.study.store import CellRecord, load_records
@@ -99,8 +101,8 @@ def run_demo(
 
     Writes ``data/`` (the digits folder), ``features/digits_lt.h5``,
     ``results.db``, ``results.md``, ``results.csv``, ``cells.csv``,
-    ``plots/``, ``model.pt`` (the val-best method), ``test_images/`` and
-    ``predictions.csv``. A rerun reuses the finished parts.
+    ``plots/``, ``recommendation.json``, ``model.pt`` (the val-best method),
+    ``test_images/`` and ``predictions.csv``. A rerun reuses the finished parts.
     """
     out = Path(out_dir)
     seeds = [0] if seeds is None else list(seeds)
@@ -123,7 +125,16 @@ def run_demo(
         f"the {top} best of {len(records)} methods by {RANK_SPLIT} {RANK_METRIC}, then the "
         f"linear / ce / instance baseline (all methods in {out / 'results.md'}):"
     )
-    return heading + "\n" + best_table + "\n" + deploy_best(out, db_path, data, log=log)
+    return (heading + "\n" + best_table + "\n" + recommend_best(out, db_path) + "\n"
+            + deploy_best(out, db_path, data, log=log))
+
+
+def recommend_best(out: Path, db_path: Path) -> str:
+    """``decouple recommend`` on the demo's sweep (also written as
+    ``recommendation.json``); returns the command and what it printed."""
+    found = recommend(str(db_path), metric=RANK_METRIC)
+    write_text_atomic(out / "recommendation.json", json.dumps(found.to_json(), indent=1, allow_nan=False) + "\n")
+    return f"$ decouple recommend --db {db_path}\n{describe(found)}\n"
 
 
 def deploy_best(out: Path, db_path: Path, data: Path, *, log: Callable[[str], None]) -> str:

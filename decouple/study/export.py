@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from decouple.errors import DecoupleError, did_you_mean
-from decouple.metrics import DEFAULT_SHOT_RULE, FEW_THRESHOLD, GROUPS, MANY_THRESHOLD, describe_shot_groups
+from decouple.metrics import DEFAULT_SHOT_RULE, GROUPS, describe_shot_groups
+from decouple.study.bootstrap import (
+    BOOTSTRAP_METRICS, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, Intervals,
+)
 from decouple.study.grid import train_identity
-from decouple.study.store import METRIC_COLUMNS, CellRecord
+from decouple.study.store import METRIC_COLUMNS, CellRecord, ShotRule
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
 METHOD_FIELDS = ("features", "head", "loss", "sampler")
@@ -63,8 +66,12 @@ NONE_TEXT = "–"
 # ---------------------------------------------------------------------------
 
 
-def cell_rows(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """One dict per cell and evaluated split: identity, n, every metric, timing."""
+def cell_rows(
+    records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None, intervals: Optional[Intervals] = None
+) -> List[Dict[str, Any]]:
+    """One dict per cell and evaluated split: identity, n, every metric,
+    timing; with ``intervals``, <metric>_low and <metric>_high beside each
+    metric that has one."""
     rows = []
     for record in records:
         for split, values in record.metrics.items():
@@ -86,6 +93,11 @@ def cell_rows(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] 
             for name, value in values.items():
                 if name not in row and name != "per_class" and _is_number(value):
                     row[name] = value
+            if intervals is not None:
+                for name in BOOTSTRAP_METRICS:
+                    found = intervals.of_cell(record, split, name)
+                    row[f"{name}_low"] = None if found is None else found.low
+                    row[f"{name}_high"] = None if found is None else found.high
             row["groups"] = _rule_text(shot_rule_of(record))
             row["fit_seconds"] = record.fit_seconds
             row["cell_key"] = record.cell_key
@@ -97,9 +109,11 @@ def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def cells_csv(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> str:
+def cells_csv(
+    records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None, intervals: Optional[Intervals] = None
+) -> str:
     """The per-cell CSV: floats written with repr precision, None as an empty field."""
-    rows = cell_rows(records, splits=splits)
+    rows = cell_rows(records, splits=splits, intervals=intervals)
     columns = list(CELL_COLUMNS)
     for row in rows:
         columns.extend(key for key in row if key not in columns)
@@ -111,13 +125,26 @@ def cells_csv(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] 
     return buffer.getvalue()
 
 
-def cells_json(records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None) -> str:
-    """Every stored cell as JSON (a list), metrics limited to ``splits`` if given."""
+def cells_json(
+    records: Sequence[CellRecord], *, splits: Optional[Sequence[str]] = None, intervals: Optional[Intervals] = None
+) -> str:
+    """Every stored cell as JSON (a list; its per-image predictions where the
+    records were read with them), metrics limited to ``splits`` if given;
+    with ``intervals``, each cell's "intervals": split -> metric -> {mean,
+    low, high}."""
     out = []
     for record in records:
         data = record.to_json()
         if splits is not None:
             data["metrics"] = {split: values for split, values in record.metrics.items() if split in splits}
+            if "predictions" in data:
+                data["predictions"] = {split: value for split, value in data["predictions"].items() if split in splits}
+        if intervals is not None:
+            data["intervals"] = {
+                split: {name: found.to_json() for name in BOOTSTRAP_METRICS
+                        if (found := intervals.of_cell(record, split, name)) is not None}
+                for split in data["metrics"]
+            }
         out.append(data)
     return json.dumps(out, indent=1, allow_nan=False) + "\n"
 
@@ -134,6 +161,9 @@ class Stat:
     mean: Optional[float]
     std: Optional[float]
     n: int
+    #: The bootstrap interval of the mean (``export --ci``), else None.
+    low: Optional[float] = None
+    high: Optional[float] = None
 
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> "Stat":
@@ -169,6 +199,8 @@ class SummaryTable:
     columns: List[Tuple[str, str]]  # (split, metric)
     rows: List[SummaryRow]
     best: Dict[Tuple[str, str], List[int]]  # column -> indices of the best rows
+    #: How the intervals were drawn ({"confidence", "resamples", "seed"}); None without intervals.
+    ci: Optional[Dict[str, Any]] = None
 
     @property
     def splits(self) -> List[str]:
@@ -300,6 +332,7 @@ def summarize(
     rows: Optional[Sequence[str]] = None,
     digits: Optional[int] = None,
     scale: float = 1.0,
+    intervals: Optional[Intervals] = None,
 ) -> SummaryTable:
     """Aggregate cells over seeds into one row per method.
 
@@ -312,7 +345,10 @@ def summarize(
     ``digits`` / ``scale``: the best of a column is found on the values as
     displayed (``round(mean * scale, digits)``, see :func:`shown_as` for
     the metrics that are not scaled), so ties at that precision are all
-    marked.
+    marked. ``intervals`` (:class:`Intervals`) adds to every column of
+    :data:`~decouple.study.bootstrap.BOOTSTRAP_METRICS` the bootstrap
+    interval of the row's mean over seeds, the seeds' values averaged per
+    resample.
     """
     if not records:
         raise DecoupleError("no cells match the selection; nothing to export")
@@ -322,8 +358,15 @@ def summarize(
     row_fields = _row_fields(labels, rows)
     columns = [(split, metric) for split in splits for metric in metrics]
     table_rows = _summary_rows(records, labels, row_fields, columns)
+    if intervals is not None:
+        for row in table_rows:
+            for column in columns:
+                found = intervals.of_mean(row.records, *column)
+                if found is not None:
+                    row.stats[column].low, row.stats[column].high = found.low, found.high
     best = _best_rows(table_rows, columns, digits=digits, scale=scale)
-    return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best)
+    return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best,
+                        ci=None if intervals is None else intervals.settings())
 
 
 def _row_fields(labels: Sequence[Dict[str, Optional[str]]], rows: Optional[Sequence[str]]) -> List[str]:
@@ -423,6 +466,13 @@ def _cell_text(value: Optional[float], metric: str, scale: float, digits: int) -
     return _number(value, column_scale, column_digits)
 
 
+def _interval_text(stat: Stat, metric: str, scale: float, digits: int) -> str:
+    """" [low, high]" of a column's interval, or "" without one."""
+    if stat.low is None or stat.high is None:
+        return ""
+    return f" [{_cell_text(stat.low, metric, scale, digits)}, {_cell_text(stat.high, metric, scale, digits)}]"
+
+
 def _header_label(field_name: str) -> str:
     return {"features": "Features", "head": "Head", "loss": "Loss", "sampler": "Sampler"}[field_name]
 
@@ -447,23 +497,14 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
                 text += f" ± {_cell_text(stat.std, column[1], scale, digits)}"
             if index in table.best.get(column, ()):
                 text = f"**{text}**"
-            cells.append(text)
+            cells.append(text + _interval_text(stat, column[1], scale, digits))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" + _footnote(table, scale) + "\n"
 
 
-ShotRule = Tuple[str, Optional[int], Optional[int]]
-
-
 def shot_rule_of(record: CellRecord) -> ShotRule:
-    """(rule, many_threshold, few_threshold) a cell's shot groups were made by
-    (thresholds None under "thirds", which does not use them); records stored
-    before the rule was a setting used the thresholds."""
-    train = record.train or {}
-    rule = train.get("groups", DEFAULT_SHOT_RULE)
-    if rule != "thresholds":
-        return rule, None, None
-    return rule, int(train.get("many_threshold", MANY_THRESHOLD)), int(train.get("few_threshold", FEW_THRESHOLD))
+    """(rule, many_threshold, few_threshold) of a cell's shot groups (:meth:`CellRecord.shot_rule`)."""
+    return record.shot_rule()
 
 
 def _rule_text(rule: ShotRule) -> str:
@@ -497,6 +538,15 @@ def _shows_groups(table: SummaryTable) -> bool:
     return any(metric in GROUPS or metric in {f"{name}_f1" for name in GROUPS} for metric in table.metrics)
 
 
+def interval_note(ci: Dict[str, Any]) -> str:
+    """The sentence a table with intervals carries about them."""
+    return (
+        f"[low, high]: {ci['confidence']:.0%} percentile interval of the mean over the split's images, "
+        f"resampled {ci['resamples']} times within each class (seed {ci['seed']}; "
+        f"the seeds of a row are averaged per resample); calibration metrics have none."
+    )
+
+
 def _footnote(table: SummaryTable, scale: float) -> str:
     seeds = sorted({row.cells for row in table.rows})
     unit = "%" if scale == 100.0 else "fraction"
@@ -509,6 +559,8 @@ def _footnote(table: SummaryTable, scale: float) -> str:
         best += f" (the lowest for {', '.join(lower)})"
     seed_text = "/".join(str(count) for count in seeds)
     note = f"\nMean ± sample std over {seed_text} seed(s); values in {unit}; {best}."
+    if table.ci is not None:
+        note += " " + interval_note(table.ci)
     if _shows_groups(table):
         note += " " + shot_groups_note([record for row in table.rows for record in row.records])
     return note
@@ -560,6 +612,8 @@ def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1)
                 mean = f"\\textbf{{{mean}}}"
             if stat.std is not None:
                 mean += f"{{\\scriptsize$\\pm${_cell_text(stat.std, column[1], scale, digits)}}}"
+            if stat.low is not None:
+                mean += f"{{\\scriptsize{_interval_text(stat, column[1], scale, digits)}}}"
             cells.append(mean)
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
@@ -594,6 +648,7 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
             text = esc(text)
             if index in table.best.get(column, ()):
                 text = f"<strong>{text}</strong>"
+            text += esc(_interval_text(stat, column[1], scale, digits))
             out.append(f'<td style="text-align:right">{text}</td>')
         out.append("</tr>")
     out += ["</tbody>", "</table>"]
@@ -607,6 +662,8 @@ def summary_csv(table: SummaryTable) -> str:
     columns = list(table.row_fields) + ["seeds"]
     for split, metric in table.columns:
         columns += [f"{split}_{metric}_mean", f"{split}_{metric}_std", f"{split}_{metric}_best"]
+        if table.ci is not None:
+            columns += [f"{split}_{metric}_low", f"{split}_{metric}_high"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -620,6 +677,8 @@ def summary_csv(table: SummaryTable) -> str:
                 "" if stat.std is None else repr(stat.std),
                 int(index in table.best.get(column, ())),
             ]
+            if table.ci is not None:
+                values += ["" if stat.low is None else repr(stat.low), "" if stat.high is None else repr(stat.high)]
         writer.writerow(values)
     return buffer.getvalue()
 
@@ -633,10 +692,13 @@ def summary_json(table: SummaryTable) -> str:
             values.setdefault(split, {})[metric] = {
                 "mean": stat.mean, "std": stat.std, "n": stat.n,
                 "best": index in table.best.get((split, metric), ()),
+                **({"low": stat.low, "high": stat.high} if table.ci is not None else {}),
             }
         rows.append({**row.method, "seeds": row.seeds, "cells": row.cells, "metrics": values})
-    return json.dumps({"row_fields": table.row_fields, "splits": table.splits, "metrics": table.metrics,
-                       "rows": rows}, indent=1, allow_nan=False) + "\n"
+    out = {"row_fields": table.row_fields, "splits": table.splits, "metrics": table.metrics, "rows": rows}
+    if table.ci is not None:
+        out["intervals"] = table.ci
+    return json.dumps(out, indent=1, allow_nan=False) + "\n"
 
 
 def render(
@@ -649,11 +711,19 @@ def render(
     rows: Optional[Sequence[str]] = None,
     percent: bool = True,
     digits: int = 1,
+    ci: bool = False,
+    resamples: int = DEFAULT_RESAMPLES,
+    ci_seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> str:
     """The export text in ``format``.
 
     csv and json default to the per-cell layout (``summary=False``);
-    markdown, latex and html are always the summary table.
+    markdown, latex and html are always the summary table. ``ci`` adds
+    bootstrap confidence intervals (:mod:`decouple.study.bootstrap`) drawn
+    from the records' stored predictions (read them with
+    ``predictions=True``): ``resamples`` stratified resamples seeded by
+    ``ci_seed``, at ``confidence``.
     """
     if format not in FORMATS:
         raise DecoupleError(f"unknown export format {format!r}; known formats: {', '.join(FORMATS)}")
@@ -661,15 +731,23 @@ def render(
         raise DecoupleError("no cells match the selection; nothing to export")
     if summary is None:
         summary = format not in ("csv", "json")
+    intervals = None
+    if ci:
+        chosen = resolve_splits(records, splits) if splits or summary else available_splits(records)
+        wanted = resolve_metrics(records, metrics) if summary else BOOTSTRAP_METRICS
+        intervals = Intervals.of_records(records, chosen, metrics=wanted, resamples=resamples, seed=ci_seed,
+                                         confidence=confidence)
     if not summary:
         if format not in ("csv", "json"):
             raise DecoupleError(f"the per-cell layout is written as csv or json, not {format}")
         chosen = resolve_splits(records, splits) if splits else None
-        return cells_csv(records, splits=chosen) if format == "csv" else cells_json(records, splits=chosen)
+        writer = cells_csv if format == "csv" else cells_json
+        return writer(records, splits=chosen, intervals=intervals)
     scale = 100.0 if percent else 1.0
     if not percent and digits < 3:
         digits = 3
-    table = summarize(records, metrics=metrics, splits=splits, rows=rows, digits=digits, scale=scale)
+    table = summarize(records, metrics=metrics, splits=splits, rows=rows, digits=digits, scale=scale,
+                      intervals=intervals)
     if format == "csv":
         return summary_csv(table)
     if format == "json":

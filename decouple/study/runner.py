@@ -174,6 +174,7 @@ class _CellWriter:
             class_names=facts.class_names,
             train_counts=facts.train_counts,
             metrics=jsonable(result.metrics),
+            predictions=dict(result.predictions),
             fit_seconds=float(result.fit_seconds),
             versions=self.versions,
             wall_seconds=wall_seconds,

@@ -11,10 +11,8 @@ stored val scores.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -25,65 +23,36 @@ from decouple.provenance import file_sha256
 from decouple.stage_two.cells import Cell, CellResult
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.fit import fit_cell
-from decouple.study.export import LOWER_IS_BETTER, labelled_methods
-from decouple.study.store import CellRecord, load_records
+from decouple.study.export import LOWER_IS_BETTER
+from decouple.study.ranking import SELECTION_SPLITS, rank_methods, score_of, sweep_records
+from decouple.study.store import CellRecord
 
-#: Splits a model may be selected on (never a test split).
-SELECTION_SPLITS = ("val",)
+__all__ = ["SELECTION_SPLITS", "cell_of", "refit_agrees", "refit_record", "save_best", "select_record"]
 
 
 def select_record(
     db: str, *, features: Optional[str] = None, metric: str = "mean_class_acc", split: str = "val"
 ) -> Tuple[CellRecord, Dict[str, Any]]:
-    """The val-best cell of the sweep in ``db`` and how it was chosen: the
-    highest mean ``metric`` over seeds, or the lowest for the metrics where
-    lower is better (ece, nll, ...)."""
-    if split not in SELECTION_SPLITS:
-        raise DecoupleError(f"--select {split}: a model is selected on {', '.join(SELECTION_SPLITS)}, never on test")
-    records = load_records(db, features=[features] if features else None)
-    if not records:
-        raise DecoupleError(f"{db}: no cells of feature file {features!r}")
-    files = sorted({record.features_name for record in records})
-    if len(files) > 1:
-        raise DecoupleError(
-            f"{db}: cells of {len(files)} feature files ({', '.join(files)}); choose one with --features NAME"
-        )
-    values = [record.metrics.get(split, {}).get(metric) for record in records]
-    if any(value is not None and not isinstance(value, (int, float)) for value in values):
-        raise DecoupleError(f"--metric {metric}: not a single number per cell; choose e.g. mean_class_acc, few")
-    scored = [record for record in records if _score(record, split, metric) is not None]
-    if not scored:
-        known = sorted({key for record in records for key in record.metrics.get(split, {}) if key != "per_class"})
-        raise DecoupleError(
-            f"{db}: no cell has a {split} score for metric {metric!r}"
-            + (f"; the {split} metrics are: {', '.join(known)}" if known else f" (the sweep had no {split} split)")
-        )
-    groups: Dict[str, List[CellRecord]] = {}
-    for record, label in zip(scored, labelled_methods(scored)):
-        groups.setdefault(json.dumps(label, sort_keys=True), []).append(record)
-    means = {key: sum(_score(r, split, metric) for r in members) / len(members) for key, members in groups.items()}
+    """The val-best cell of the sweep in ``db`` and how it was chosen: of the
+    best method (:func:`rank_methods`, the choice ``decouple recommend``
+    names too), the seed with the best score."""
+    ranking = rank_methods(sweep_records(db, features=features, metric=metric, split=split), metric=metric, split=split)
+    best = ranking[0]
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    best_key = max(groups, key=lambda key: sign * means[key])  # first of equals, in database order
-    members = groups[best_key]
-    chosen = max(members, key=lambda record: sign * _score(record, split, metric))
+    chosen = max(best.records, key=lambda record: sign * score_of(record, split, metric))
     selection = {
         "by": "sweep",
         "split": split,
         "metric": metric,
         "goal": "lowest" if sign < 0 else "highest",
-        "method_mean": means[best_key],
-        "method_seeds": len(members),
-        "value": _score(chosen, split, metric),
-        "methods_compared": len(groups),
+        "method_mean": best.mean,
+        "method_seeds": len(best.records),
+        "value": score_of(chosen, split, metric),
+        "methods_compared": len(ranking),
         "db": str(db),
         "cell_key": chosen.cell_key,
     }
     return chosen, selection
-
-
-def _score(record: CellRecord, split: str, metric: str) -> Optional[float]:
-    value = record.metrics.get(split, {}).get(metric)
-    return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
 def cell_of(record: CellRecord) -> Cell:
@@ -121,7 +90,7 @@ def refit_record(record: CellRecord, *, features_path: Optional[str] = None) -> 
 
 def refit_agrees(record: CellRecord, result: CellResult, *, split: str = "val", metric: str = "mean_class_acc") -> bool:
     """Whether the refitted cell scores what the sweep recorded on ``split``."""
-    stored = _score(record, split, metric)
+    stored = score_of(record, split, metric)
     again = result.metrics.get(split, {}).get(metric)
     return stored is None or (again is not None and abs(float(again) - stored) <= 1e-9)
 

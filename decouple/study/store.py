@@ -1,6 +1,6 @@
 """The results store: one SQLite file holding every finished sweep cell.
 
-Schema (version 1)::
+Schema (version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)        -- format, schema_version
     cells(                                         -- one row per finished cell
@@ -30,6 +30,22 @@ Schema (version 1)::
         per_class TEXT NOT NULL,                    -- JSON list (C,), null where the split lacks the class
         extra TEXT NOT NULL,                        -- JSON object: any further scalar metrics
         PRIMARY KEY (cell_id, split))
+    split_labels(                                  -- true labels of a scored split (version 2)
+        features_sha256 TEXT NOT NULL, split TEXT NOT NULL, n INTEGER NOT NULL,
+        num_classes INTEGER NOT NULL, dtype TEXT NOT NULL,
+        labels BLOB NOT NULL,                       -- decouple.predictions encoding, (n,)
+        PRIMARY KEY (features_sha256, split))
+    predictions(                                   -- ranked predictions of a cell (version 2)
+        cell_id INTEGER NOT NULL REFERENCES cells ON DELETE CASCADE,
+        split TEXT NOT NULL, k INTEGER NOT NULL, dtype TEXT NOT NULL,
+        top BLOB NOT NULL,                          -- decouple.predictions encoding, (n, k)
+        PRIMARY KEY (cell_id, split))
+
+The per-image predictions let ``decouple export --ci`` and ``decouple
+recommend`` bootstrap every label-based metric without refitting a head. A
+version-1 database (no predictions) is read as it is and gains the two
+tables, and version 2, the first time it is opened for writing; its old
+cells keep no predictions.
 
 A cell and its metric rows are written in one transaction, so a crash or
 Ctrl-C never leaves a cell half-written; a rerun finds it either whole or
@@ -43,17 +59,21 @@ import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 from decouple.errors import DecoupleError
+from decouple.metrics import DEFAULT_SHOT_RULE, FEW_THRESHOLD, MANY_THRESHOLD, shot_groups
+from decouple.predictions import SplitPredictions, label_dtype, pack, unpack
 from decouple.provenance import jsonable, utc_now
 
 FORMAT = "decouple-results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older schema versions this version reads (and upgrades when it writes).
+READABLE_VERSIONS = (1, 2)
 # Metrics with a column of their own; anything else scalar goes to `extra`.
 METRIC_COLUMNS = ("top1", "top5", "macro_f1", "mean_class_acc", "many", "medium", "few")
 
-_SCHEMA = """
+_BASE_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cells (
     cell_id INTEGER PRIMARY KEY,
@@ -89,8 +109,31 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS cells_method ON cells (features_name, head, loss, sampler, seed);
 """
+# Added by schema version 2.
+_PREDICTION_TABLES = """
+CREATE TABLE IF NOT EXISTS split_labels (
+    features_sha256 TEXT NOT NULL,
+    split TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    num_classes INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    labels BLOB NOT NULL,
+    PRIMARY KEY (features_sha256, split)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    cell_id INTEGER NOT NULL REFERENCES cells(cell_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    k INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    top BLOB NOT NULL,
+    PRIMARY KEY (cell_id, split)
+);
+"""
+_SCHEMA = _BASE_TABLES + _PREDICTION_TABLES
 
 PathLike = Union[str, "Path"]
+#: (rule, many_threshold, few_threshold) of a cell's shot groups.
+ShotRule = Tuple[str, Optional[int], Optional[int]]
 
 
 @dataclass
@@ -99,6 +142,9 @@ class CellRecord:
 
     ``metrics`` maps split -> {"n", "top1", ..., "few", "per_class", plus any
     extra scalar metric}; the shape of ``decouple head --json``'s "metrics".
+    ``predictions`` maps split -> its per-image predictions
+    (:mod:`decouple.predictions`): empty for cells stored before version 2,
+    and as read unless asked for (``ResultStore.records(predictions=True)``).
     """
 
     cell_key: str
@@ -121,6 +167,23 @@ class CellRecord:
     versions: Dict[str, str] = field(default_factory=dict)
     wall_seconds: Optional[float] = None
     finished_at: str = ""
+    predictions: Dict[str, SplitPredictions] = field(default_factory=dict, repr=False)
+
+    def shot_rule(self) -> "ShotRule":
+        """(rule, many_threshold, few_threshold) the cell's shot groups were
+        made by (thresholds None under "thirds", which does not use them);
+        records stored before the rule was a setting used the thresholds."""
+        train = self.train or {}
+        rule = train.get("groups", DEFAULT_SHOT_RULE)
+        if rule != "thresholds":
+            return rule, None, None
+        return rule, int(train.get("many_threshold", MANY_THRESHOLD)), int(train.get("few_threshold", FEW_THRESHOLD))
+
+    def shot_groups(self) -> Dict[str, Any]:
+        """The cell's many / medium / few class indices (:func:`decouple.metrics.shot_groups`)."""
+        rule, many, few = self.shot_rule()
+        thresholds = {} if many is None else {"many_threshold": many, "few_threshold": few}
+        return shot_groups(self.train_counts, rule=rule, **thresholds)
 
     @property
     def method(self) -> Dict[str, Any]:
@@ -155,11 +218,17 @@ class CellRecord:
             "wall_seconds": self.wall_seconds,
             "finished_at": self.finished_at,
             "metrics": self.metrics,
+            **({"predictions": {split: p.to_json() for split, p in self.predictions.items()}}
+               if self.predictions else {}),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "CellRecord":
-        return cls(**dict(data))
+        data = dict(data)
+        data["predictions"] = {
+            split: SplitPredictions.from_json(value) for split, value in (data.get("predictions") or {}).items()
+        }
+        return cls(**data)
 
 
 def _dumps(value: Any) -> str:
@@ -267,11 +336,15 @@ class ResultStore:
                 raise DecoupleError(
                     f"{self.path}: meta format must be {FORMAT!r}; got {meta.get('format')!r}"
                 )
-            if int(meta.get("schema_version", -1)) != SCHEMA_VERSION:
+            version = int(meta.get("schema_version", -1))
+            if version not in READABLE_VERSIONS:
                 raise DecoupleError(
-                    f"{self.path}: results schema version must be {SCHEMA_VERSION}; "
-                    f"got {meta.get('schema_version')}"
+                    f"{self.path}: results schema version must be one of "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}; got {meta.get('schema_version')}"
+                    + (" (made by a newer decouple; upgrade it)" if version > SCHEMA_VERSION else "")
                 )
+            if version < SCHEMA_VERSION and not self.readonly:
+                self._upgrade()
             return
         if tables:
             raise DecoupleError(
@@ -296,6 +369,20 @@ class ResultStore:
                 )
                 return
         self._check_or_create()  # another process made it meanwhile: check what it made
+
+    def _upgrade(self) -> None:
+        """Version 1 -> 2: add the prediction tables, in one transaction."""
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for statement in _PREDICTION_TABLES.strip().split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+    def _has_table(self, name: str) -> bool:
+        return bool(
+            self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+        )
 
     # -- context manager ---------------------------------------------------------
 
@@ -337,7 +424,24 @@ class ResultStore:
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     _metric_row(cell_id, split, values),
                 )
+            for split, predicted in record.predictions.items():
+                self._insert_predictions(cell_id, record.features_sha256, split, predicted)
         return True
+
+    def _insert_predictions(self, cell_id: int, features_sha256: str, split: str, predicted: SplitPredictions) -> None:
+        """One split's predictions of a cell; its labels once per feature file
+        (the same sha256 has the same labels)."""
+        dtype = label_dtype(predicted.num_classes)
+        self._conn.execute(
+            """INSERT OR IGNORE INTO split_labels (features_sha256, split, n, num_classes, dtype, labels)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            (features_sha256, split, len(predicted.labels), predicted.num_classes, dtype,
+             pack(predicted.labels, dtype)),
+        )
+        self._conn.execute(
+            "INSERT INTO predictions (cell_id, split, k, dtype, top) VALUES (?, ?, ?, ?, ?)",
+            (cell_id, split, predicted.top.shape[1], dtype, pack(predicted.top, dtype)),
+        )
 
     # -- reading ---------------------------------------------------------------
 
@@ -346,11 +450,7 @@ class ResultStore:
         return {row[0] for row in self._conn.execute("SELECT cell_key FROM cells")} if self._has_cells() else set()
 
     def _has_cells(self) -> bool:
-        return bool(
-            self._conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cells'"
-            ).fetchone()
-        )
+        return self._has_table("cells")
 
     def count(self) -> int:
         if not self._has_cells():
@@ -366,19 +466,23 @@ class ResultStore:
         samplers: Optional[Iterable[str]] = None,
         seeds: Optional[Iterable[int]] = None,
         splits: Optional[Iterable[str]] = None,
+        predictions: bool = False,
     ) -> List[CellRecord]:
         """Stored cells, oldest first, optionally filtered.
 
         ``features`` matches the features name or path; ``losses`` /
         ``samplers`` may hold ``"none"`` for the cells without one (ncm, knn);
-        ``splits`` limits which splits each record carries.
+        ``splits`` limits which splits each record carries; ``predictions``
+        reads each split's per-image predictions too (none for cells stored
+        without them).
         """
         if not self._has_cells():
             return []
         condition, args = _cells_condition(
             features=features, heads=heads, losses=losses, samplers=samplers, seeds=seeds
         )
-        metric_sql, metric_args = _metrics_query(condition, args, None if splits is None else list(splits))
+        splits = None if splits is None else list(splits)
+        metric_sql, metric_args = _metrics_query(condition, args, splits)
         self._conn.row_factory = sqlite3.Row
         try:
             # Two queries whatever the number of cells: the cells, then all their metrics.
@@ -386,9 +490,42 @@ class ResultStore:
             metrics: Dict[int, Dict[str, Dict[str, Any]]] = {}
             for metric_row in self._conn.execute(metric_sql + " ORDER BY cell_id, rowid", metric_args):
                 metrics.setdefault(metric_row["cell_id"], {})[metric_row["split"]] = _metric_values(metric_row)
-            return [_record_from_row(row, metrics.get(row["cell_id"], {})) for row in cells]
+            records = [_record_from_row(row, metrics.get(row["cell_id"], {})) for row in cells]
+            if predictions:
+                by_id = {row["cell_id"]: record for row, record in zip(cells, records)}
+                for cell_id, split, predicted in self._predictions(condition, args, splits):
+                    by_id[cell_id].predictions[split] = predicted
+            return records
         finally:
             self._conn.row_factory = None
+
+    def _predictions(
+        self, cells_condition: str, cells_args: List[Any], splits: Optional[List[str]]
+    ) -> Iterator[Tuple[int, str, SplitPredictions]]:
+        """(cell_id, split, predictions) of the cells ``cells_condition``
+        selects, limited to ``splits`` if given; labels are decoded once per
+        feature file and split."""
+        if not self._has_table("predictions"):
+            return
+        where = [f"p.cell_id IN (SELECT cell_id FROM cells{cells_condition})"] if cells_condition else []
+        args = list(cells_args)
+        if splits is not None:
+            where.append(f"p.split IN ({', '.join('?' * len(splits))})" if splits else "0")
+            args.extend(splits)
+        query = (
+            "SELECT p.cell_id, p.split, p.k, p.dtype AS top_dtype, p.top, l.n, l.num_classes, l.dtype, "
+            "l.labels, l.features_sha256 FROM predictions p JOIN cells c ON c.cell_id = p.cell_id "
+            "JOIN split_labels l ON l.features_sha256 = c.features_sha256 AND l.split = p.split"
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.cell_id, p.split"
+        )
+        labels: Dict[Tuple[str, str], Any] = {}
+        for row in self._conn.execute(query, args):
+            key = (row["features_sha256"], row["split"])
+            if key not in labels:
+                labels[key] = unpack(row["labels"], row["dtype"], (row["n"],))
+            true = labels[key]
+            top = unpack(row["top"], row["top_dtype"], (len(true), row["k"]))
+            yield row["cell_id"], row["split"], SplitPredictions(true, top, int(row["num_classes"]))
 
 
 def _cells_condition(
