@@ -63,7 +63,7 @@ def main() -> int:
     print(f"  summary table, no intervals    {plain:6.2f} s")
     print(f"  summary table with --ci        {with_ci:6.2f} s  ({with_ci / plain:.0f}x the table without)")
     print(f"  recommend                      {ranked:6.2f} s  (best on val: {found.best.method.text()}, "
-          f"{len(found.indistinguishable)} not separable)")
+          f"{len(found.indistinguishable) - 1} others not separable from it)")
     decouple = str(Path(sys.executable).with_name("decouple"))
     for command in (["export", "--db", args.db, "--ci", "--splits", "test,test_lt", "--resamples", str(args.resamples)],
                     ["recommend", "--db", args.db, "--resamples", str(args.resamples)]):

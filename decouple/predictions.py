@@ -37,10 +37,16 @@ def top_k_labels(scores: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """The ``k`` highest-scoring classes of each row, best first (N, min(k, C)).
 
     Column 0 is ``scores.argmax(axis=1)``: equal scores are ordered by class
-    index, lowest first, as argmax breaks ties.
+    index, lowest first, as argmax breaks ties, and NaN (a diverged head)
+    ranks above every number, as argmax ranks it.
     """
     scores = np.asarray(scores)
     k = min(k, scores.shape[1])
+    nan = np.isnan(scores)
+    if nan.any():  # rare: a full sort by (NaN first, score descending, class index)
+        index = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        order = np.lexsort((index, -np.where(nan, 0.0, scores), ~nan), axis=1)
+        return order[:, :k]
     if k == scores.shape[1]:
         candidates = np.broadcast_to(np.arange(k), scores.shape)
     else:

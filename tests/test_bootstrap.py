@@ -266,3 +266,49 @@ def test_export_ci_on_cells_without_predictions_says_how_to_get_them(tmp_path):
     result = export("--db", path, "--ci")
     assert result.exit_code == 2
     assert "no stored per-image predictions" in result.output and "rerun" in result.output
+
+
+def test_diverged_scores_rank_nan_first_as_argmax_does():
+    scores = np.array([[np.nan] * 6, [0, 1, 2, 3, 4, 9.0], [1, 2, 3, np.nan, 0, 0], [np.inf, np.nan, 1, 2, 3, 4]])
+    top = top_k_labels(scores)
+    assert np.array_equal(top[:, 0], scores.argmax(axis=1))
+    assert np.array_equal(top[2], [3, 2, 1, 0, 4])
+
+
+def test_an_empty_split_has_no_intervals_and_unpairable_labels_are_refused():
+    empty = bootstrap_split(np.zeros(0, dtype=int), [np.zeros((0, 5), dtype=int)], 6, [shot_groups(COUNTS)],
+                            resamples=20)
+    assert all(value is None for value in empty[0].point.values())
+    assert all(value is None for value in empty[0].resampled.values())
+    rng = np.random.default_rng(9)
+    val, test = np.repeat(np.arange(6), 5), np.repeat(np.arange(6), 9)
+    first = make_cell(rng, "a", "linear", "ce", 0, skill=1.0, val_labels=val, test_labels=test)
+    other = make_cell(rng, "b", "linear", "ce", 1, skill=1.0, val_labels=val[::-1].copy(), test_labels=test)
+    from decouple.errors import DecoupleError
+
+    with pytest.raises(DecoupleError, match="different val labels"):
+        Intervals.of_records([first, other], ["val"], resamples=20)
+
+
+def test_the_store_refuses_other_labels_for_the_same_feature_file(tmp_path):
+    from decouple.errors import DecoupleError
+
+    rng = np.random.default_rng(10)
+    val, test = np.repeat(np.arange(6), 5), np.repeat(np.arange(6), 9)
+    with ResultStore(tmp_path / "r.db") as store:
+        store.insert(make_cell(rng, "a", "linear", "ce", 0, skill=1.0, val_labels=val, test_labels=test))
+        with pytest.raises(DecoupleError, match="differ from those stored"):
+            store.insert(make_cell(rng, "b", "linear", "ce", 1, skill=1.0, val_labels=val[::-1].copy(),
+                                   test_labels=test))
+        assert store.count() == 1  # the cell was rolled back whole
+
+
+def test_export_ci_seed_and_confidence_change_the_intervals_only(ci_db):
+    def cell(*extra):
+        found = json.loads(export("--db", ci_db, "--ci", "--format", "json", "--summary", "--resamples", "200",
+                                  *extra).output)
+        return found["rows"][0]["metrics"]["test"]["top1"]
+
+    base, reseeded, narrow = cell(), cell("--ci-seed", "3"), cell("--confidence", "0.5")
+    assert base["mean"] == reseeded["mean"] == narrow["mean"] and base["low"] != reseeded["low"]
+    assert narrow["high"] - narrow["low"] < base["high"] - base["low"]

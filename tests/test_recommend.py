@@ -5,6 +5,7 @@ gain over linear / ce / instance with intervals, and the val-size warning."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_a_small_val_names_the_close_methods_and_the_size_that_would_separate_th
     gain = found["gain_over_baseline"]
     assert 0 < gain["low"] <= gain["mean"] <= gain["high"]
     assert found["val_size_needed"] > found["selected_on"]["n"] == 60
-    assert "cannot separate the top" in found["warnings"][0]
+    assert "cannot separate 1 method(s) from the best" in found["warnings"][0]
     text = invoke("--db", db, "--resamples", "500").output
     assert f"best on val: {found['best']['head']} / {found['best']['loss']} / instance" in text
     assert "gain over linear / ce / instance on test: +" in text and "warning: the 60 val images" in text
@@ -100,3 +101,53 @@ def test_bad_metrics_and_databases_without_predictions_are_refused(tmp_path):
     result = invoke("--db", old)
     assert result.exit_code == 2 and "no stored per-image predictions" in result.output
     assert invoke("--db", tmp_path / "missing.db").exit_code == 2
+
+
+def test_the_options_change_what_they_say(tmp_path):
+    from cli.recommend import METRICS
+    from decouple.study.bootstrap import BOOTSTRAP_METRICS
+
+    assert set(METRICS) == set(BOOTSTRAP_METRICS)  # the click choices are the metrics the bootstrap knows
+    db = make_db(tmp_path / "r.db", val_per_class=10)
+    base = json.loads(invoke("--db", db, "--json", "--resamples", "200").output)
+    reseeded = json.loads(invoke("--db", db, "--json", "--resamples", "200", "--seed", "1").output)
+    assert reseeded["test"]["top1"]["mean"] == base["test"]["top1"]["mean"]
+    assert reseeded["test"]["top1"]["low"] != base["test"]["top1"]["low"]
+    narrow = json.loads(invoke("--db", db, "--json", "--resamples", "200", "--confidence", "0.5").output)
+    width = lambda found: found["test"]["top1"]["high"] - found["test"]["top1"]["low"]  # noqa: E731
+    assert width(narrow) < width(base) and narrow["bootstrap"]["confidence"] == 0.5
+    shown = invoke("--db", db, "--resamples", "200", "--show", "1").output
+    assert "and 1 more (--json lists them all)" in shown
+    assert invoke("--db", db, "--features", "f", "--json", "--resamples", "50").exit_code == 0
+    missing = invoke("--db", db, "--features", "other")
+    assert missing.exit_code == 2 and "other" in missing.output
+
+
+def test_floating_point_noise_in_equal_scores_decides_nothing(tmp_path):
+    """Two methods with the very same predictions differ by 0 in every
+    resample, whatever the rounding of their sums: both are in the set, and no
+    val size is claimed to separate them."""
+    db = make_db(tmp_path / "r.db", val_per_class=300,
+                 methods=(("linear", "ce", 0.6), ("linear", "balanced_softmax", 3.0)))
+    with ResultStore(db) as store:
+        twins = [record for record in store.records(predictions=True) if record.loss == "balanced_softmax"]
+        for record in twins:
+            record.cell_key += "-twin"
+            record.head = "tau_norm"
+            store.insert(record)
+    found = recommend(str(db), resamples=200)
+    heads = {(method.method.names["head"], method.method.names["loss"]) for method in found.indistinguishable}
+    assert heads == {("linear", "balanced_softmax"), ("tau_norm", "balanced_softmax")}
+    assert found.val_size_needed is None
+    assert "make the very same val predictions as the best" in found.warnings[0]
+
+
+def test_a_baseline_without_the_test_split_gives_no_gain_and_says_so(tmp_path):
+    db = make_db(tmp_path / "r.db", val_per_class=10)
+    connection = sqlite3.connect(db)
+    with connection:
+        connection.execute("DELETE FROM metrics WHERE split = 'test' AND cell_id IN "
+                           "(SELECT cell_id FROM cells WHERE head = 'linear' AND loss = 'ce')")
+    connection.close()
+    found = recommend(str(db), resamples=100)
+    assert found.gain is None and any("no gain over it" in text for text in found.warnings)

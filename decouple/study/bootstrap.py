@@ -47,6 +47,8 @@ DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
 # Resamples drawn and counted at a time (bounds memory: chunk x N weights).
 _CHUNK = 250
+# Largest product (values) of a batch of cells' error counts with a chunk's weights.
+_PRODUCT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,14 @@ def _counts(errors: np.ndarray, support: np.ndarray) -> Tuple[np.ndarray, np.nda
 def _metrics_from_errors(
     errors: np.ndarray, support: np.ndarray, groups: Mapping[str, np.ndarray], wanted: Sequence[str]
 ) -> Dict[str, Optional[np.ndarray]]:
-    """Each metric of ``wanted`` per row of the error counts ``errors``
-    (R, 2C + 1, :func:`_error_columns`); None for an empty group."""
+    """Each metric of ``wanted`` (checked by the caller) per row of the error
+    counts ``errors`` (R, 2C + 1, :func:`_error_columns`); None for an empty
+    group, and every metric None for a split without images."""
     num_classes = len(support)
-    tp, predicted, hits = _counts(errors, support)
     n = float(support.sum())
+    if n == 0:
+        return {name: None for name in wanted}
+    tp, predicted, hits = _counts(errors, support)
     present = support > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = tp[:, present] / support[present]
@@ -144,10 +149,8 @@ def _metrics_from_errors(
             out[name] = accuracy.mean(axis=1)
         elif name == "macro_f1":
             out[name] = f1.mean(axis=1)
-        else:
+        else:  # a shot group's accuracy or F1
             group, is_f1 = (name[:-3], True) if name.endswith("_f1") else (name, False)
-            if group not in GROUPS:
-                raise ValueError(f"no bootstrap for metric {name!r}; known: {', '.join(BOOTSTRAP_METRICS)}")
             members = index_of[np.asarray(groups[group], dtype=np.int64)]
             members = members[members >= 0]
             out[name] = (f1 if is_f1 else accuracy)[:, members].mean(axis=1) if len(members) else None
@@ -193,23 +196,41 @@ def bootstrap_split(
         if name not in BOOTSTRAP_METRICS:
             raise ValueError(f"no bootstrap for metric {name!r}; known: {', '.join(BOOTSTRAP_METRICS)}")
     support = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    # One sparse product per chunk of resamples, for every cell at once.
     stacked = _error_columns(labels, tops, num_classes)
-    width = 2 * num_classes + 1
-    point = np.asarray(stacked.sum(axis=1), dtype=np.float64).reshape(len(tops), width)
-    errors = np.empty((len(tops), resamples, width), dtype=np.float64)
+    width, count = 2 * num_classes + 1, len(tops)
+    point = np.asarray(stacked.sum(axis=1), dtype=np.float64).reshape(count, width)
+    points = [_metrics_from_errors(point[index:index + 1], support, groups[index], metrics) for index in range(count)]
+    resampled: List[Dict[str, Optional[np.ndarray]]] = [
+        {name: None if value is None else np.empty(resamples) for name, value in values.items()} for values in points
+    ]
+    keys = [tuple(tuple(int(c) for c in cell_groups[name]) for name in GROUPS) for cell_groups in groups]
+    # One sparse product per chunk of resamples and batch of cells, each turned
+    # into metrics at once: memory stays bounded by _PRODUCT whatever K and C.
+    per_batch = max(1, _PRODUCT // (width * _CHUNK))
+    batches = [(first, stacked[first * width:min(count, first + per_batch) * width])
+               for first in range(0, count, per_batch)]
     chunks = np.random.SeedSequence(seed).spawn(math.ceil(resamples / _CHUNK))
     for start, chunk_seed in zip(range(0, resamples, _CHUNK), chunks):
         size = min(_CHUNK, resamples - start)
-        product = stacked @ stratified_weights(labels, size, chunk_seed)  # (K * width, size)
-        errors[:, start:start + size] = np.asarray(product).reshape(len(tops), width, size).transpose(0, 2, 1)
-    draws = []
-    for index in range(len(tops)):
-        point_values = _metrics_from_errors(point[index:index + 1], support, groups[index], metrics)
-        draws.append(CellDraws(
-            point={name: None if value is None else float(value[0]) for name, value in point_values.items()},
-            resampled=_metrics_from_errors(errors[index], support, groups[index], metrics),
-        ))
+        weights = stratified_weights(labels, size, chunk_seed)
+        for first, block in batches:
+            product = np.asarray(block @ weights).reshape(-1, width, size).transpose(0, 2, 1)
+            # Cells with the same shot groups (usually all) turn into metrics in one call.
+            by_groups: Dict[tuple, List[int]] = {}
+            for offset in range(len(product)):
+                by_groups.setdefault(keys[first + offset], []).append(offset)
+            for offsets in by_groups.values():
+                rows = product[offsets].reshape(-1, width)
+                found = _metrics_from_errors(rows, support, groups[first + offsets[0]], metrics)
+                for position, offset in enumerate(offsets):
+                    for name, values in resampled[first + offset].items():
+                        if values is not None:
+                            values[start:start + size] = found[name][position * size:(position + 1) * size]
+    draws = [
+        CellDraws(point={name: None if value is None else float(value[0]) for name, value in values.items()},
+                  resampled=cell)
+        for values, cell in zip(points, resampled)
+    ]
     return draws
 
 
@@ -267,7 +288,8 @@ def record_draws(
     if lacking:
         raise DecoupleError(
             f"{len(lacking)} of {len(records)} cells have no stored per-image predictions (e.g. "
-            f"{lacking[0].head}/{lacking[0].loss}/{lacking[0].sampler} seed {lacking[0].seed}; cells stored "
+            f"{lacking[0].head} / {lacking[0].loss or '–'} / {lacking[0].sampler or '–'} seed {lacking[0].seed}; "
+            f"cells stored "
             f"before results schema 2); rerun their sweep into a new database to get intervals"
         )
     draws: Dict[Tuple[str, str], CellDraws] = {}
@@ -275,6 +297,12 @@ def record_draws(
         return draws
     for (_, split), members in groups.items():
         first = members[0].predictions[split]
+        for member in members[1:]:
+            if not np.array_equal(member.predictions[split].labels, first.labels):
+                raise DecoupleError(
+                    f"cells {members[0].cell_key[:12]} and {member.cell_key[:12]} name the same feature file "
+                    f"(sha256 {member.features_sha256[:12]}) but hold different {split} labels; they cannot be paired"
+                )
         found = bootstrap_split(
             first.labels,
             [member.predictions[split].top for member in members],
@@ -330,11 +358,8 @@ class Intervals:
     def of_mean(self, records: Sequence["CellRecord"], split: str, metric: str) -> Optional[Interval]:
         """The interval of the mean of ``metric`` over ``records`` (e.g. a
         method's seeds), averaged per resample."""
-        members = [self.draws.get((record.cell_key, split)) for record in records if split in record.metrics]
-        if not members or any(member is None or member.resampled.get(metric) is None for member in members):
-            return None
-        point = math.fsum(member.point[metric] for member in members) / len(members)
-        return interval(point, np.mean([member.resampled[metric] for member in members], axis=0), self.confidence)
+        found = self.mean_of(records, split)
+        return None if found is None else found.interval(metric, self.confidence)
 
     def settings(self) -> Dict[str, object]:
         """How the intervals were drawn, for a table's note and JSON."""

@@ -98,7 +98,7 @@ def cell_rows(
                     found = intervals.of_cell(record, split, name)
                     row[f"{name}_low"] = None if found is None else found.low
                     row[f"{name}_high"] = None if found is None else found.high
-            row["groups"] = _rule_text(shot_rule_of(record))
+            row["groups"] = _rule_text(record.shot_rule())
             row["fit_seconds"] = record.fit_seconds
             row["cell_key"] = record.cell_key
             rows.append(row)
@@ -502,11 +502,6 @@ def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int =
     return "\n".join(lines) + "\n" + _footnote(table, scale) + "\n"
 
 
-def shot_rule_of(record: CellRecord) -> ShotRule:
-    """(rule, many_threshold, few_threshold) of a cell's shot groups (:meth:`CellRecord.shot_rule`)."""
-    return record.shot_rule()
-
-
 def _rule_text(rule: ShotRule) -> str:
     """A shot-group rule as a short CSV value: "many>100,few<20" or "thirds"."""
     name, many, few = rule
@@ -515,7 +510,7 @@ def _rule_text(rule: ShotRule) -> str:
 
 def shot_rules(records: Sequence[CellRecord]) -> List[ShotRule]:
     """The distinct shot-group rules of ``records``, in order of first appearance."""
-    return list(dict.fromkeys(shot_rule_of(record) for record in records))
+    return list(dict.fromkeys(record.shot_rule() for record in records))
 
 
 def shot_groups_note(records: Sequence[CellRecord]) -> str:
@@ -541,9 +536,10 @@ def _shows_groups(table: SummaryTable) -> bool:
 def interval_note(ci: Dict[str, Any]) -> str:
     """The sentence a table with intervals carries about them."""
     return (
-        f"[low, high]: {ci['confidence']:.0%} percentile interval of the mean over the split's images, "
-        f"resampled {ci['resamples']} times within each class (seed {ci['seed']}; "
-        f"the seeds of a row are averaged per resample); calibration metrics have none."
+        f"[low, high]: {ci['confidence']:.0%} percentile interval of the row's mean with the split's images "
+        f"resampled {ci['resamples']} times within each class (seed {ci['seed']}; the seeds of a row are "
+        f"averaged per resample, so the spread between seeds is not in it, the ± is); calibration metrics "
+        f"have none."
     )
 
 

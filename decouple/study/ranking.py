@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from decouple.errors import DecoupleError
+from decouple.metrics import GROUPS
 from decouple.study.export import LOWER_IS_BETTER, labelled_methods
 from decouple.study.store import CellRecord, load_records
 
@@ -63,7 +64,9 @@ def sweep_records(
     scored = [record for record in records if score_of(record, split, metric) is not None]
     if not scored:
         known = sorted({key for record in records for key in record.metrics.get(split, {}) if key != "per_class"})
-        if metric in known:
+        if known and all(not record.metrics.get(split, {}).get("n") for record in records):
+            raise DecoupleError(f"{db}: the {split} split has no images, so nothing can be chosen on it")
+        if metric in known and metric.replace("_f1", "") in GROUPS:
             raise DecoupleError(
                 f"{db}: {metric!r} is empty on {split} for every cell (a shot group with no class under the "
                 f"sweep's rule; a sweep with `train: {{groups: thirds}}` fills all three groups); rank by another metric"

@@ -9,16 +9,24 @@ From a sweep's results database alone (its stored per-image predictions,
   (:func:`decouple.study.select.rank_methods`);
 * the methods val cannot tell from it: those whose paired bootstrap
   interval of (best - method) on the val images, seed means per resample,
-  reaches 0 at the chosen confidence (95%). The set holds the best itself;
-  it is the honest answer when val cannot separate the methods;
+  reaches 0 at the chosen confidence (95%; differences within
+  :data:`TOLERANCE` of 0 count as 0, so floating-point noise in equal
+  scores decides nothing). The set holds the best itself; it is the honest
+  answer when val cannot separate the methods;
 * the best method's scores on every test split with their intervals,
   computed after the choice and never used for it;
 * its gain over the ``linear`` / ``ce`` / ``instance`` baseline on test, a
   paired interval on the test images;
-* when val cannot separate the best from the runner-up, the val size that
-  would, if their difference held: the bootstrap standard deviation of the
-  paired difference shrinks as 1 / sqrt(n), so n_needed = n_val (z sd / d)^2
-  for the observed difference d and its standard deviation sd at n_val.
+* when val cannot separate the best from the closest method it scores
+  differently, the val size that would, if their difference held: the
+  bootstrap standard deviation sd of the paired difference d shrinks as
+  1 / sqrt(n), so a two-sided test at the chosen confidence finds d with
+  80% power at n_needed = n_val ((z_(1-alpha/2) + z_0.8) sd / d)^2 (the
+  usual sample-size formula for a difference of paired means).
+
+The intervals resample the images, not the seeds: they say how far a
+score could move on other images of the same classes, with the seeds of a
+method averaged; the spread between seeds is not in them.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ from decouple.study.ranking import RankedMethod, rank_methods, sweep_records
 
 #: Metrics a recommendation can rank by (label-based: the bootstrap resamples them).
 RECOMMEND_METRICS = BOOTSTRAP_METRICS
+#: Differences closer to 0 than this are 0 (sums of per-class fractions carry ~1e-16 of noise).
+TOLERANCE = 1e-9
+#: Power at which the val size needed would detect the observed difference.
+POWER = 0.8
 #: The method every gain is measured against.
 BASELINE = {"head": "linear", "loss": "ce", "sampler": "instance"}
 SELECTION_SPLIT = "val"
@@ -52,7 +64,7 @@ class Compared:
 
     @property
     def indistinguishable(self) -> bool:
-        return self.behind is None or self.behind.low <= 0.0
+        return self.behind is None or self.behind.low <= TOLERANCE
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -140,6 +152,7 @@ def recommend(
     val_size = len(ranking[0].records[0].predictions[SELECTION_SPLIT].labels)
 
     best, baseline = ranking[0], _baseline(ranking)
+    warnings = []
     test_splits = [split for split in best.records[0].metrics if split != SELECTION_SPLIT]
     test_split = "test" if "test" in test_splits else (test_splits[0] if test_splits else None)
     scored = best.records + ([] if baseline is None or baseline is best else baseline.records)
@@ -150,18 +163,18 @@ def recommend(
     }
     gain = None
     if baseline is not None and test_split is not None:
-        if baseline is best:
-            point = test[test_split][metric]
-            gain = None if point is None else Interval(0.0, 0.0, 0.0)
+        ours, theirs = tests.mean_of(best.records, test_split), tests.mean_of(baseline.records, test_split)
+        found = None if ours is None or theirs is None else difference(ours, theirs, metric, confidence)
+        if found is None:
+            warnings.append(f"the baseline {baseline.text()} has no {metric} on {test_split} for every seed, "
+                            f"so there is no gain over it to report")
         else:
-            found = difference(tests.mean_of(best.records, test_split), tests.mean_of(baseline.records, test_split),
-                               metric, confidence)
-            gain = None if found is None else found[0]
+            gain = Interval(0.0, 0.0, 0.0) if baseline is best else found[0]
 
     recommendation = Recommendation(
         features=best.records[0].features_name, metric=metric, val_size=val_size, methods=methods,
         test_split=test_split, test=test, baseline=baseline, gain=gain, val_size_needed=None,
-        settings=val.settings(),
+        settings=val.settings(), warnings=warnings,
     )
     _warn(recommendation, spreads, confidence)
     return recommendation
@@ -181,21 +194,23 @@ def _warn(recommendation: Recommendation, spreads: Sequence[float], confidence: 
     that val scores differently (methods with the very same val predictions,
     e.g. two losses that coincide, no val size separates)."""
     methods = recommendation.methods
-    together = len(recommendation.indistinguishable)
-    if together > 1:
+    others = len(recommendation.indistinguishable) - 1
+    if others > 0:
         label = METRIC_LABELS.get(recommendation.metric, recommendation.metric)
-        same = [method for method, spread in zip(methods[1:], spreads[1:])
-                if method.behind.mean == 0.0 and spread == 0.0]
-        closest = next(((method, spread) for method, spread in zip(methods[1:], spreads[1:])
-                        if method.indistinguishable and spread > 0.0 and method.behind.mean > 0.0), None)
-        text = f"the {recommendation.val_size} val images cannot separate the top {together} methods at {confidence:.0%}"
+        pairs = list(zip(methods[1:], spreads[1:]))
+        same = [method for method, spread in pairs if abs(method.behind.mean) <= TOLERANCE and spread <= TOLERANCE]
+        closest = next(((method, spread) for method, spread in pairs
+                        if method.indistinguishable and spread > TOLERANCE and method.behind.mean > TOLERANCE), None)
+        text = (f"the {recommendation.val_size} val images cannot separate {others} method(s) from the best "
+                f"at {confidence:.0%}")
         if closest is not None:
             method, spread = closest
             gap = method.behind.mean
-            z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+            z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0) + NormalDist().inv_cdf(POWER)
             recommendation.val_size_needed = int(math.ceil(recommendation.val_size * (z * spread / gap) ** 2))
-            text += (f"; separating the best from {method.method.text()} ({_points(gap)} points of {label} apart) "
-                     f"would take about {recommendation.val_size_needed:,} val images, if that difference held")
+            text += (f"; separating it from {method.method.text()} ({_points(gap)} points of {label} behind) "
+                     f"would take about {recommendation.val_size_needed:,} val images ({POWER:.0%} power, if "
+                     f"that difference held)")
         if same:
             text += f"; {len(same)} method(s) make the very same val predictions as the best"
         recommendation.warnings.append(text)
@@ -231,7 +246,8 @@ def describe(recommendation: Recommendation, *, shown: int = 10) -> str:
     lines = [
         f"{recommendation.features}: {len(recommendation.methods)} methods ranked by val {label} "
         f"({recommendation.val_size} images, mean over seeds; {conf} intervals from "
-        f"{recommendation.settings['resamples']} stratified bootstrap resamples)",
+        f"{recommendation.settings['resamples']} stratified bootstrap resamples of the images, "
+        f"not of the seeds)",
         f"best on val: {best.method.text()}  {pct(best.val)}",
         f"not separable from it on val (paired bootstrap, {conf}): {len(together)} method(s), "
         f"val score and gap to the best in points",

@@ -432,12 +432,21 @@ class ResultStore:
         """One split's predictions of a cell; its labels once per feature file
         (the same sha256 has the same labels)."""
         dtype = label_dtype(predicted.num_classes)
-        self._conn.execute(
-            """INSERT OR IGNORE INTO split_labels (features_sha256, split, n, num_classes, dtype, labels)
-               VALUES (?, ?, ?, ?, ?, ?)""",
-            (features_sha256, split, len(predicted.labels), predicted.num_classes, dtype,
-             pack(predicted.labels, dtype)),
-        )
+        labels = pack(predicted.labels, dtype)
+        stored = self._conn.execute(
+            "SELECT labels FROM split_labels WHERE features_sha256 = ? AND split = ?", (features_sha256, split)
+        ).fetchone()
+        if stored is None:
+            self._conn.execute(
+                """INSERT INTO split_labels (features_sha256, split, n, num_classes, dtype, labels)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (features_sha256, split, len(predicted.labels), predicted.num_classes, dtype, labels),
+            )
+        elif bytes(stored[0]) != labels:
+            raise DecoupleError(
+                f"{self.path}: the {split} labels of feature file sha256 {features_sha256[:12]} differ from those "
+                f"stored with its earlier cells; the same file cannot have other labels"
+            )
         self._conn.execute(
             "INSERT INTO predictions (cell_id, split, k, dtype, top) VALUES (?, ?, ?, ?, ?)",
             (cell_id, split, predicted.top.shape[1], dtype, pack(predicted.top, dtype)),
