@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 
 from decouple.atomic import commit
-from decouple.errors import ConfigError, DecoupleError
+from decouple.errors import ConfigError, DecoupleError, first_line
 from decouple.features import FeatureWriter
 from decouple.provenance import jsonable, package_versions
+from decouple.split_health import check_file
 from decouple.stage_one.backbones import (
     WeightsReport,
     check_backbone,
@@ -290,6 +291,8 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
             workers=workers, amp=ft_config.amp, channels_last=ft_config.channels_last,
         )
         _write_features(config, manifest, data_config, embed_rows, dim=dim, attrs=attrs, dist=dist, paths=paths, say=say)
+        if dist.is_main:
+            _warn_leaky_splits(paths["out"], say)
         dist.barrier()
     finally:
         shutdown_distributed(dist)
@@ -307,6 +310,18 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
         seconds=time.perf_counter() - started,
         history=[asdict(row) for row in history],
     )
+
+
+def _warn_leaky_splits(path: Path, say: Callable[[str], None]) -> None:
+    """One warning line per held-out split of the written file that looks leaky
+    (:mod:`decouple.split_health`)."""
+    try:
+        report = check_file(path)
+    except Exception as exc:  # a diagnostic never fails an extraction that has succeeded
+        say(f"warning: split health check skipped ({first_line(exc)})")
+        return
+    for line in report.warnings():
+        say(line)
 
 
 def _check_config(config: ExtractConfig) -> FinetuneConfig:
