@@ -35,6 +35,8 @@ a CSV manifest with a split column), so extract's warning shows too:
 
 Printed per backbone: planted pairs found with the right training row / 50
 (by kind), near-duplicates reported on the clean test split (count and %),
+both by the image fingerprints ``decouple extract`` stores (what the check
+uses on such a file) and by the embeddings alone (a file without them),
 flagged status of val and test, the check's time and its calibrated
 constants. Then the check on ``cifar10_lt_if100_e40.h5`` as it stands, and
 the check's time on synthetic files of growing size (``--scale``). Results
@@ -206,17 +208,13 @@ def evaluate(name: str, splits: Dict[str, Rows], truth: List[Dict[str, Any]], wo
     started = time.perf_counter()
     report = split_health(feature_set)
     check_seconds = time.perf_counter() - started
-    found = report.pairs["val"]
-    found_pairs = set(zip(found.index.tolist(), found.train_index.tolist()))
-    by_kind: Dict[str, List[int]] = {}
-    planted_rows = set()
-    for item in truth:
-        val_row = row_of["val"][os.path.normpath(item["copy"])]
-        train_row = row_of["train"].get(os.path.normpath(item["source"]))
-        planted_rows.add(val_row)
-        hit = train_row is not None and (val_row, train_row) in found_pairs
-        by_kind.setdefault(item["kind"], []).append(int(hit))
-    clean_val = sorted({row for row in found.index.tolist() if row not in planted_rows})
+    by_kind, clean_val = planted_found(report, truth, row_of)
+    # The same check on the embeddings alone (a feature file without fingerprints).
+    bare = FeatureSet(feature_set.class_names, {split: Split(data.features, data.labels)
+                                                for split, data in feature_set.splits.items()},
+                      backbone=feature_set.backbone)
+    embeddings = split_health(bare)
+    by_kind_embeddings, _ = planted_found(embeddings, truth, row_of)
     test = report.splits["test"]
     test_pairs = report.pairs["test"]
     train_refs, test_refs = saved.splits["train"].refs, saved.splits["test"].refs
@@ -233,6 +231,14 @@ def evaluate(name: str, splits: Dict[str, Rows], truth: List[Dict[str, Any]], wo
         "check_seconds": round(check_seconds, 2),
         "planted_found": int(sum(sum(hits) for hits in by_kind.values())),
         "planted_found_by_kind": {kind: f"{sum(hits)}/{len(hits)}" for kind, hits in by_kind.items()},
+        "duplicates_by": report.criteria["duplicates_by"],
+        "embeddings_only": {
+            "planted_found": int(sum(sum(hits) for hits in by_kind_embeddings.values())),
+            "planted_found_by_kind": {kind: f"{sum(hits)}/{len(hits)}" for kind, hits in by_kind_embeddings.items()},
+            "test_duplicates": embeddings.splits["test"]["near_duplicates"],
+            "test_duplicate_percent": round(100 * embeddings.splits["test"]["near_duplicate_fraction"], 2),
+            "val_flagged": embeddings.splits["val"]["flagged"],
+        },
         "clean_val_duplicates": len(clean_val),
         "test_duplicates": test["near_duplicates"],
         "test_duplicate_percent": round(100 * test["near_duplicate_fraction"], 2),
@@ -248,7 +254,7 @@ def evaluate(name: str, splits: Dict[str, Rows], truth: List[Dict[str, Any]], wo
     print(
         f"[{name}] D={dim}, train {sizes['train']}, val {sizes['val']}, test {sizes['test']}; "
         f"extract {extract_seconds:.0f} s, check {check_seconds:.2f} s\n"
-        f"  planted pairs found: {summary['planted_found']}/{PLANTED} "
+        f"  duplicates by {summary['duplicates_by']}: planted pairs found {summary['planted_found']}/{PLANTED} "
         f"({', '.join(f'{k} {v}' for k, v in summary['planted_found_by_kind'].items())}); "
         f"clean val rows reported: {len(clean_val)}\n"
         f"  clean test: {test['near_duplicates']} near-duplicates ({100 * test['near_duplicate_fraction']:.2f}%) "
@@ -256,9 +262,29 @@ def evaluate(name: str, splits: Dict[str, Rows], truth: List[Dict[str, Any]], wo
         f"  flagged: val {summary['val_flagged']}, test {summary['test_flagged']}; val vs test AUC "
         f"{summary['val_vs_test_auc']:.3f}; ratio {report.criteria['ratio']:.3f} (dimension "
         f"{report.criteria['dimension']:.1f}), floor {report.criteria['floor']:.4f}\n"
-        f"  extract logged: {summary['extract_warnings'] or 'no warning'}"
+        f"  extract logged: {summary['extract_warnings'] or 'no warning'}\n"
+        f"  by the embeddings alone: planted pairs found {summary['embeddings_only']['planted_found']}/{PLANTED} "
+        f"({', '.join(f'{k} {v}' for k, v in summary['embeddings_only']['planted_found_by_kind'].items())}); "
+        f"clean test {summary['embeddings_only']['test_duplicates']} "
+        f"({summary['embeddings_only']['test_duplicate_percent']:.2f}%); val flagged "
+        f"{summary['embeddings_only']['val_flagged']}"
     )
     return summary
+
+
+def planted_found(report, truth: List[Dict[str, Any]], row_of: Dict[str, Dict[str, int]]):
+    """(kind -> hit per planted copy, the clean val rows reported) of a split-health report."""
+    found = report.pairs["val"]
+    found_pairs = set(zip(found.index.tolist(), found.train_index.tolist()))
+    by_kind: Dict[str, List[int]] = {}
+    planted_rows = set()
+    for item in truth:
+        val_row = row_of["val"][os.path.normpath(item["copy"])]
+        train_row = row_of["train"].get(os.path.normpath(item["source"]))
+        planted_rows.add(val_row)
+        hit = train_row is not None and (val_row, train_row) in found_pairs
+        by_kind.setdefault(item["kind"], []).append(int(hit))
+    return by_kind, sorted({row for row in found.index.tolist() if row not in planted_rows})
 
 
 # --------------------------------------------------------------------------- the file as it stands, and scale

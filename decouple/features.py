@@ -40,10 +40,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 @dataclass
 class Split:
-    """Features (N, D) and integer labels (N,) of one split."""
+    """Features (N, D) and integer labels (N,) of one split, and the images'
+    fingerprints (N, 2) uint64 where the file has them (``decouple extract``
+    writes /<split>/fingerprints: each image's perceptual hash and its
+    mirror's, :func:`decouple.stage_one.images.image_fingerprints`)."""
 
     features: np.ndarray
     labels: np.ndarray
+    fingerprints: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -273,7 +277,20 @@ def _read_split(path: Path, handle: Any, name: str, num_classes: int) -> Split:
         ) from None
     _check_label_range(path, name, labels, num_classes)
     _check_finite(path, name, features)
-    return Split(features=features, labels=labels)
+    return Split(features=features, labels=labels, fingerprints=_read_fingerprints(path, group, name, len(labels)))
+
+
+def _read_fingerprints(path: Path, group: Any, name: str, n: int) -> Optional[np.ndarray]:
+    """/name/fingerprints (n, 2) uint64, or None where the file has none."""
+    if "fingerprints" not in group:
+        return None
+    dataset = group["fingerprints"]
+    if dataset.shape != (n, 2) or dataset.dtype != np.uint64:
+        raise FeatureFileError(
+            f"{path}: /{name}/fingerprints must be ({n}, 2) uint64 (an image hash and its mirror's); "
+            f"got {dataset.shape} {dataset.dtype}"
+        )
+    return dataset[()]
 
 
 def _encode_attr(value: Any) -> Any:
@@ -343,6 +360,14 @@ class FeatureWriter:
         self._handle[name]["features"][start:stop] = np.asarray(features, dtype=self.dtype)
         self._handle[name]["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
 
+    def create_fingerprints(self, name: str, *, n: int) -> None:
+        """Create empty /name/fingerprints (n, 2) uint64 in a split made by create_split."""
+        self._handle[name].create_dataset("fingerprints", shape=(n, 2), dtype=np.uint64)
+
+    def write_fingerprint_rows(self, name: str, start: int, fingerprints: np.ndarray) -> None:
+        """Write rows [start, start + len(fingerprints)) of /name/fingerprints."""
+        self._handle[name]["fingerprints"][start:start + len(fingerprints)] = np.asarray(fingerprints, np.uint64)
+
     def create_views(self, name: str, *, n: int, views: int, dim: int) -> None:
         """Create empty /name/views (n, views, dim) in a split made by create_split."""
         self._handle[name].create_dataset("views", shape=(n, views, dim), dtype=self.dtype)
@@ -352,8 +377,9 @@ class FeatureWriter:
         stop = start + len(features)
         self._handle[name]["views"][start:stop, view, :] = np.asarray(features, dtype=self.dtype)
 
-    def write_split(self, name: str, features: np.ndarray, labels: np.ndarray) -> None:
-        """Write a whole split at once."""
+    def write_split(self, name: str, features: np.ndarray, labels: np.ndarray,
+                    fingerprints: Optional[np.ndarray] = None) -> None:
+        """Write a whole split at once (its image fingerprints too, if given)."""
         features = np.asarray(features)
         labels = np.asarray(labels)
         if features.ndim != 2 or len(features) != len(labels):
@@ -363,6 +389,9 @@ class FeatureWriter:
             )
         self.create_split(name, n=len(labels), dim=features.shape[1])
         self.write_rows(name, 0, features, labels)
+        if fingerprints is not None:
+            self.create_fingerprints(name, n=len(labels))
+            self.write_fingerprint_rows(name, 0, fingerprints)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         handle, self._handle = self._handle, None
@@ -399,7 +428,7 @@ def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.f
     ) as writer:
         for name in _ordered(feature_set.splits):
             split = feature_set.splits[name]
-            writer.write_split(name, split.features, split.labels)
+            writer.write_split(name, split.features, split.labels, split.fingerprints)
     return Path(path)
 
 

@@ -15,7 +15,21 @@ the GPU when FAISS sees one, as the knn and ncm heads do). Per split: the
 distribution of the cosine similarity to the nearest training image (median
 and quantiles) and the 1-NN accuracy (the nearest training image's label).
 
-**Near-duplicates.** A held-out image is a near-copy of training images
+**Near-duplicates by image.** Where the feature file holds the images'
+fingerprints (``decouple extract`` writes them: a perceptual DCT hash of
+each image and of its mirror, :func:`decouple.stage_one.images.image_fingerprints`),
+a held-out image is a near-copy of every training image whose hash, or
+mirrored hash, differs from its own in at most ``FINGERPRINT_BITS`` of 63
+bits (exact Hamming search in a FAISS binary index). This is what the
+duplicate counts and pairs use when every compared split has fingerprints:
+it asks whether two files hold the same photograph, which embeddings answer
+only as well as the backbone keeps instance detail (below). On CIFAR-10,
+flipped and JPEG re-encoded (quality 30 to 95) copies of training images
+sit within 4 bits (flips at 0), while clean test images sit at 6 bits or
+more from every training image except the test set's own near-copies of
+training photographs.
+
+**Near-duplicates by embedding** (files without fingerprints). A held-out image is a near-copy of training images
 t_1..t_m (its m nearest, 1 <= m <= ``MAX_GROUP``) when, with d_i = 1 -
 cosine to its i-th nearest training image,
 
@@ -114,6 +128,7 @@ DUPLICATE_FRACTION = 0.02
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 CHUNK = 4096
 DUPLICATES_HEADER = "split,index,train_index,cosine"
+FINGERPRINT_BITS = 4
 
 
 @dataclass
@@ -286,6 +301,22 @@ def duplicate_groups(cosines: np.ndarray, *, floor: Optional[float], ratio: Opti
     return groups
 
 
+def fingerprint_pairs(train_fingerprints: np.ndarray, fingerprints: np.ndarray, *,
+                      max_bits: int = FINGERPRINT_BITS) -> Tuple[np.ndarray, np.ndarray]:
+    """(index, train_index) of every held-out image (fingerprints (M, 2)) and
+    training image (train_fingerprints (N, 2)) whose hashes differ in at
+    most ``max_bits`` bits, the training image's mirror included; sorted,
+    each pair once."""
+    train = np.ascontiguousarray(train_fingerprints, dtype=np.uint64)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(np.ascontiguousarray(np.concatenate([train[:, 0], train[:, 1]])).view(np.uint8).reshape(-1, 8))
+    queries = np.ascontiguousarray(np.asarray(fingerprints, dtype=np.uint64)[:, 0]).view(np.uint8).reshape(-1, 8)
+    limits, _, found = index.range_search(queries, max_bits + 1)  # distances < radius
+    rows = np.repeat(np.arange(len(queries)), np.diff(limits).astype(np.int64))
+    pairs = np.unique(np.stack([rows, found % len(train)], axis=1), axis=0) if len(rows) else np.zeros((0, 2), int)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
 # --------------------------------------------------------------------------- the leak test
 
 
@@ -375,19 +406,31 @@ def split_health(
     dimension = neighbourhood.dimension
     if dimension is not None and not math.isfinite(dimension):
         dimension = None  # no finite estimate: JSON has no infinity
-    criteria.update(ratio=ratio, floor=floor, dimension=dimension)
+    by_images = train.fingerprints is not None and all(
+        feature_set.splits[name].fingerprints is not None for name in held_out
+    )
+    criteria.update(ratio=ratio, floor=floor, dimension=dimension,
+                    duplicates_by="image fingerprints" if by_images else "embeddings",
+                    fingerprint_bits=FINGERPRINT_BITS if by_images else None)
     nearest: Dict[str, np.ndarray] = {}
     for name in held_out:
         split = feature_set.splits[name]
         cosines, rows = nearest_training(index, split.features, max_group + 1, chunk=chunk)
-        groups = duplicate_groups(cosines, floor=floor, ratio=ratio, max_group=max_group)
-        has_copy = np.flatnonzero(groups > 0)
-        in_group = np.arange(rows.shape[1])[None, :] < groups[:, None]  # (M, k): the pairs, row by row
-        health.pairs[name] = DuplicatePairs(
-            index=np.repeat(has_copy, groups[has_copy]), train_index=rows[in_group], cosine=cosines[in_group]
-        )
+        if by_images:
+            pair_rows, pair_train = fingerprint_pairs(train.fingerprints, split.fingerprints)
+            pair_cosines = np.einsum("ij,ij->i", _normalised(split.features[pair_rows]),
+                                     _normalised(train.features[pair_train]))
+            health.pairs[name] = DuplicatePairs(index=pair_rows, train_index=pair_train, cosine=pair_cosines)
+            count = int(len(np.unique(pair_rows)))
+        else:
+            groups = duplicate_groups(cosines, floor=floor, ratio=ratio, max_group=max_group)
+            has_copy = np.flatnonzero(groups > 0)
+            in_group = np.arange(rows.shape[1])[None, :] < groups[:, None]  # (M, k): the pairs, row by row
+            health.pairs[name] = DuplicatePairs(
+                index=np.repeat(has_copy, groups[has_copy]), train_index=rows[in_group], cosine=cosines[in_group]
+            )
+            count = int(len(has_copy))
         nearest[name] = cosines[:, 0].astype(np.float64)
-        count = int(len(has_copy))
         health.splits[name] = {
             "n": int(len(split)),
             "nn_cosine_median": float(np.median(nearest[name])),

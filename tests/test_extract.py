@@ -77,8 +77,14 @@ def test_extract_writes_a_v1_file_that_head_reads(cifar_subset, tmp_path):
     assert json.loads(attrs["manifest"])["file"] == "cifar10_test_resnet_lt10.manifest.csv"
     assert attrs["weights_sha256"] == "" and attrs["img_size"] == 32
     manifest = read_manifest(Path(summary["manifest_path"]))
+    from decouple.stage_one.images import image_fingerprints, load_image
+
     for name, split in features.splits.items():
         np.testing.assert_array_equal(split.labels, manifest.splits[name].labels)
+        # Each image's fingerprints, in manifest order (for split health's duplicate check).
+        for row in (0, len(split) // 2, len(split) - 1):
+            np.testing.assert_array_equal(split.fingerprints[row],
+                                          image_fingerprints(load_image(manifest.splits[name].refs[row])))
     import h5py
 
     with h5py.File(path) as handle:
@@ -158,6 +164,7 @@ def test_two_processes_match_one(cifar_subset, tmp_path):
     assert ddp.class_names == one.class_names and list(ddp.splits) == list(one.splits)
     for name in one.splits:
         np.testing.assert_array_equal(ddp.splits[name].labels, one.splits[name].labels)
+        np.testing.assert_array_equal(ddp.splits[name].fingerprints, one.splits[name].fingerprints)  # gathered in order
         assert ddp.splits[name].features.shape == one.splits[name].features.shape
     assert json.loads(ddp.attrs["config"])["world_size"] == 2
     # rank order survives the merge: re-embed test with the trained weights in one process

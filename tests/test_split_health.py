@@ -318,3 +318,74 @@ def test_extract_warns_about_a_leaky_val(cifar_subset, tmp_path):
     assert len(warnings) == 1, messages
     assert warnings[0].startswith("warning: val looks leaky") and "50 of its 50 images" in warnings[0]
     assert "\n" not in warnings[0]
+
+
+# --------------------------------------------------------------------------- image fingerprints
+
+
+def test_fingerprints_match_flipped_and_reencoded_copies_and_tell_photos_apart(cifar_subset):
+    """On real CIFAR-10 JPEGs: a mirror image's hash is its source's mirrored
+    hash, bit for bit; a JPEG re-encoding at quality 30 stays within
+    FINGERPRINT_BITS; distinct photographs almost never come that close."""
+    import io
+
+    from PIL import Image
+
+    from decouple.split_health import FINGERPRINT_BITS
+    from decouple.stage_one.images import image_fingerprints
+
+    def bits(a, b):
+        return bin(int(a) ^ int(b)).count("1")
+
+    files = sorted((cifar_subset / "train").glob("*/*.jpg"))
+    hashes = []
+    for path in files:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        own, mirrored = image_fingerprints(image)
+        flipped = image_fingerprints(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        assert (flipped[0], flipped[1]) == (mirrored, own)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=30)
+        assert bits(image_fingerprints(Image.open(buffer))[0], own) <= FINGERPRINT_BITS
+        hashes.append(own)
+    distances = [bits(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    assert np.mean(np.array(distances) <= FINGERPRINT_BITS) < 0.005
+    assert 24 <= np.median(distances) <= 40  # about half of the 63 bits
+
+
+def test_fingerprints_find_copies_the_embeddings_do_not_show():
+    """Copies whose embeddings say nothing (drawn afresh from their class) are
+    found by their fingerprints, with their training rows; the pairs' cosine
+    is that of their embeddings."""
+    feature_set, planted_rows, sources = planted_set(seed=3)
+    rng = np.random.default_rng(4)
+    val, train = feature_set.splits["val"], feature_set.splits["train"]
+    fresh = val.features.copy()
+    fresh[planted_rows] = (train.features[sources] + 3.0 * rng.standard_normal((PLANTED, DIM))).astype(np.float32)
+
+    def random_hashes(n):
+        return rng.integers(0, 2**63, size=(n, 2), dtype=np.int64).astype(np.uint64)
+
+    train_hashes, val_hashes, test_hashes = random_hashes(len(train)), random_hashes(len(val)), random_hashes(500)
+    half = PLANTED // 2  # half the copies mirrored, half with 3 bits changed
+    val_hashes[planted_rows[:half], 0] = train_hashes[sources[:half], 1]
+    val_hashes[planted_rows[half:], 0] = train_hashes[sources[half:], 0] ^ np.uint64(0b10101)
+    sets = {
+        "train": Split(train.features, train.labels, train_hashes),
+        "val": Split(fresh, val.labels, val_hashes),
+        "test": Split(feature_set.splits["test"].features, feature_set.splits["test"].labels, test_hashes),
+    }
+    report = split_health(FeatureSet(feature_set.class_names, sets, backbone="synthetic"))
+    assert report.criteria["duplicates_by"] == "image fingerprints"
+    assert pairs_of(report, "val") == set(zip(planted_rows.tolist(), sources.tolist()))
+    assert report.splits["test"]["near_duplicates"] == 0 and report.splits["val"]["flagged"]
+    found = report.pairs["val"]
+    expected = np.einsum("ij,ij->i", *(block / np.linalg.norm(block, axis=1, keepdims=True)
+                                       for block in (fresh[found.index], train.features[found.train_index])))
+    np.testing.assert_allclose(found.cosine, expected, rtol=1e-5)
+    # Without fingerprints on every split the embeddings decide, and miss these copies.
+    sets["test"] = Split(sets["test"].features, sets["test"].labels)
+    embeddings_only = split_health(FeatureSet(feature_set.class_names, sets, backbone="synthetic"))
+    assert embeddings_only.criteria["duplicates_by"] == "embeddings"
+    assert len(pairs_of(embeddings_only, "val") & set(zip(planted_rows.tolist(), sources.tolist()))) < PLANTED // 2

@@ -187,14 +187,17 @@ def embed_split(
     amp: bool = True,
     channels_last: bool = True,
     generator: Optional[torch.Generator] = None,
+    write_fingerprints: Optional[Callable[[int, np.ndarray], None]] = None,
 ) -> None:
-    """Embed ``items`` sharded over ranks; rank 0 gets ``write(start_row, block (b, D))`` in order."""
+    """Embed ``items`` sharded over ranks; rank 0 gets ``write(start_row, block (b, D))`` in order,
+    and with ``write_fingerprints``, ``write_fingerprints(start_row, (b, 2) uint64)``: each
+    image's :func:`~decouple.stage_one.images.image_fingerprints`, computed as it is decoded."""
     n = len(items)
     device = dist.device
     on_cuda = device.type == "cuda"
     batches = shard_batches(n, world_size=dist.world_size, rank=dist.rank, batch_size=batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(items, transform),
+        ImageDataset(items, transform, fingerprints=write_fingerprints is not None),
         batch_sampler=[list(batch) for batch in batches if len(batch)],
         num_workers=workers,
         pin_memory=on_cuda,
@@ -206,23 +209,36 @@ def embed_split(
     iterator = iter(loader)
     for chunk_index, batch in enumerate(batches):
         block = torch.zeros(batch_size, dim, device=device)
+        hashes = torch.zeros(batch_size, 2, dtype=torch.int64, device=device)
         if len(batch):
-            images, _ = next(iterator)
+            images, _, *found = next(iterator)
             with autocast:
                 out = embed(model, images.to(device, non_blocking=True, memory_format=memory_format))
             block[: len(batch)] = out.float()
+            if found:
+                hashes[: len(batch)] = found[0].to(device)
         chunk_start = chunk_index * dist.world_size * batch_size
-        if dist.distributed:
-            gathered = [torch.empty_like(block) for _ in range(dist.world_size)]
-            torch.distributed.all_gather(gathered, block)
-        else:
-            gathered = [block]
+        rows = _gathered(block, n, chunk_index, dist=dist, batch_size=batch_size)
+        hash_rows = _gathered(hashes, n, chunk_index, dist=dist, batch_size=batch_size) if write_fingerprints else None
         if dist.is_main:
-            rows = []
-            for rank, part in enumerate(gathered):
-                valid = len(shard_batches(n, world_size=dist.world_size, rank=rank, batch_size=batch_size)[chunk_index])
-                rows.append(part[:valid])
-            write(chunk_start, torch.cat(rows).cpu().numpy())
+            write(chunk_start, rows.cpu().numpy())
+            if write_fingerprints is not None:
+                write_fingerprints(chunk_start, hash_rows.cpu().numpy().view(np.uint64))
+
+
+def _gathered(block: torch.Tensor, n: int, chunk_index: int, *, dist: DistInfo, batch_size: int) -> torch.Tensor:
+    """Every rank's ``block`` of chunk ``chunk_index`` (all_gather under DDP), trimmed to
+    the rows each rank really had, in rank order."""
+    if dist.distributed:
+        gathered = [torch.empty_like(block) for _ in range(dist.world_size)]
+        torch.distributed.all_gather(gathered, block)
+    else:
+        gathered = [block]
+    rows = []
+    for rank, part in enumerate(gathered):
+        valid = len(shard_batches(n, world_size=dist.world_size, rank=rank, batch_size=batch_size)[chunk_index])
+        rows.append(part[:valid])
+    return torch.cat(rows)
 
 
 def _manifest_attr(manifest: Manifest, manifest_path: Path) -> Dict[str, Any]:
@@ -460,15 +476,19 @@ def _embed_splits(
     writer: Optional[FeatureWriter], manifest: Manifest, transform: Callable, embed_rows: Callable[..., None],
     *, dim: int, dist: DistInfo, say: Callable[[str], None],
 ) -> None:
-    """/<split>/features and labels of every split, in manifest order."""
+    """/<split>/features, labels and fingerprints of every split, in manifest order."""
     for name, items in manifest.splits.items():
         if dist.is_main:
             writer.create_split(name, n=len(items), dim=dim)
+            writer.create_fingerprints(name, n=len(items))
 
         def write(start: int, block: np.ndarray, name: str = name, items: SplitItems = items) -> None:
             writer.write_rows(name, start, block, items.labels[start : start + len(block)])
 
-        embed_rows(items, transform, write=write)
+        def write_fingerprints(start: int, block: np.ndarray, name: str = name) -> None:
+            writer.write_fingerprint_rows(name, start, block)
+
+        embed_rows(items, transform, write=write, write_fingerprints=write_fingerprints)
         say(f"embedded {name}: {len(items)} x {dim}")
 
 
