@@ -6,6 +6,7 @@ import pytest
 from decouple.metrics import (
     evaluate,
     macro_f1_score,
+    per_class_f1,
     mean_class_accuracy,
     per_class_accuracy,
     shot_groups,
@@ -92,6 +93,27 @@ def test_hand_written_metrics_equal_scikit_learns(seed):
     assert mean_class_accuracy(labels, predictions, num_classes) == pytest.approx(
         balanced_accuracy_score(labels, predictions), abs=1e-12
     )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_f1_by_bincounts_is_scikit_learns_to_the_last_bit(seed):
+    """macro-F1 and per-class F1 are bincounts (no scikit-learn import); they
+    give the very floats of scikit-learn's f1_score, so results stored before
+    the change compare equal. Random class counts, absent and never-predicted
+    classes included."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(seed)
+    num_classes, n = int(rng.integers(2, 40)), int(rng.integers(1, 400))
+    labels = rng.integers(0, num_classes, n)
+    predictions = np.where(rng.random(n) < 0.6, labels, rng.integers(0, num_classes, n))
+    present = np.unique(labels)
+    assert macro_f1_score(labels, predictions, num_classes) == float(
+        f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
+    ours = per_class_f1(labels, predictions, num_classes)
+    theirs = f1_score(labels, predictions, labels=np.arange(num_classes), average=None, zero_division=0)
+    absent = np.bincount(labels, minlength=num_classes) == 0
+    assert np.array_equal(ours[~absent], theirs[~absent]) and np.isnan(ours[absent]).all()
 
 
 def test_shot_groups_thirds_on_cifar10_lt_counts():
