@@ -21,10 +21,11 @@ def _fit(name, feature_set, head=None, **params):
     return head.fit(train.features, train.labels)
 
 
-def test_registry_lists_the_six_heads():
-    assert [name for name, _ in list_heads()] == ["linear", "cosine", "tau_norm", "lws", "ncm", "knn"]
+def test_registry_lists_the_heads():
+    assert [name for name, _ in list_heads()] == ["linear", "cosine", "tau_norm", "posthoc_la", "lws", "ncm", "knn"]
     assert all(description for _, description in list_heads())
-    assert {name for name in HEADS if HEADS.get(name).trainable} == {"linear", "cosine", "tau_norm", "lws"}
+    assert {name for name in HEADS if HEADS.get(name).trainable} == {
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws"}
 
 
 def test_unknown_head_and_parameter():
@@ -75,6 +76,41 @@ def test_tau_norm_chooses_tau_on_val_from_the_grid(gaussian_feature_set):
     unit = _fit("tau_norm", gaussian_feature_set, taus=[1.0])
     norms = np.linalg.norm(unit.coef_ / unit.scale_, axis=1)
     np.testing.assert_allclose(norms, norms[0], rtol=1e-4)  # tau = 1: equal norms
+
+
+def test_posthoc_la_is_the_linear_head_minus_tau_log_prior_with_tau_chosen_on_val(gaussian_feature_set):
+    """Menon et al. 2021, eq. 9: f_y(x) - tau log pi_y on the linear head's
+    own logits (the same weights: same loss, sampler and seed), tau the val
+    best of the grid by mean class accuracy, computed here independently."""
+    train, val, test = (gaussian_feature_set.splits[name] for name in ("train", "val", "test"))
+    linear = _fit("linear", gaussian_feature_set)
+    adjusted = _fit("posthoc_la", gaussian_feature_set)
+    prior = np.bincount(train.labels) / len(train.labels)
+    base_val = linear.decision_function(val.features).astype(np.float64)
+    scores = []
+    for tau in DEFAULT_TAUS:
+        predicted = (base_val - tau * np.log(prior)).argmax(axis=1)
+        scores.append(np.mean([np.mean(predicted[val.labels == c] == c) for c in np.unique(val.labels)]))
+    assert adjusted.tau_ == DEFAULT_TAUS[int(np.argmax(np.round(scores, 6)))]
+    expected = linear.decision_function(test.features) - adjusted.tau_ * np.log(prior)
+    np.testing.assert_allclose(adjusted.decision_function(test.features), expected, rtol=1e-4, atol=1e-4)
+    # No val: tau = 1, the adjustment that is Bayes-optimal for the balanced error.
+    blind = create_head("posthoc_la").fit(train.features, train.labels, loss="ce", train=FAST)
+    assert blind.tau_ == 1.0 and blind.tau_selected_on_ == "default"
+    with pytest.raises(ConfigError, match="taus of posthoc_la"):
+        _fit("posthoc_la", gaussian_feature_set, taus=[])
+
+
+def test_posthoc_la_lifts_few_shot_accuracy_over_its_cross_entropy_base(gaussian_feature_set):
+    """The acceptance of issue 12 on the held-out Gaussian long-tailed data:
+    at least 5 points of few-shot accuracy over CE on a linear head."""
+    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.fit import fit_cells
+
+    base, adjusted = fit_cells(gaussian_feature_set, [Cell("linear", "ce", "instance", 0),
+                                                      Cell("posthoc_la", "ce", "instance", 0)])
+    assert adjusted.metrics["test"]["few"] >= base.metrics["test"]["few"] + 0.05
+    assert adjusted.metrics["test"]["mean_class_acc"] > base.metrics["test"]["mean_class_acc"]
 
 
 def test_lws_learns_one_scale_per_class(gaussian_feature_set):

@@ -7,7 +7,7 @@ attributes end in ``_``. ``X`` is (N, D) float features, ``y`` (N,) int labels.
 
 Two kinds of head:
 
-* **trainable** (``trainable = True``: linear, cosine, tau_norm, lws) are
+* **trainable** (``trainable = True``: linear, cosine, tau_norm, posthoc_la, lws) are
   trained by gradient descent with a long-tailed loss and a re-sampler, by
   the fused trainer of :mod:`decouple.stage_two.trainer`. A trainable head
   declares what that trainer needs: its :class:`WeightFamily` (parameters,
@@ -385,7 +385,7 @@ class LinearHead(TrainableHead):
     The classifier-retraining baseline (cRT) of Kang et al., "Decoupling
     Representation and Classifier for Long-Tailed Recognition" (ICLR 2020),
     when trained class-balanced. Like every head of the linear family
-    (linear, tau_norm, lws), it trains losses with their linear-family
+    (linear, tau_norm, posthoc_la, lws), it trains losses with their linear-family
     settings (``decouple list losses``; LDAM's scale s).
     """
 
@@ -467,39 +467,75 @@ class TauNormHead(TrainableHead):
         self.taus = taus
 
     def finish(self, trained, data, *, seed, train) -> None:
-        taus = self._checked_taus()
+        taus = _checked_taus(self.registered_name(), self.taus)
         weight = trained.params["weight"]
         norms = weight.norm(dim=1).clamp_min(1e-12)
         if data.x_val is not None:
             with torch.no_grad():
                 stacked = torch.cat([weight / norms[:, None] ** tau for tau in taus])  # (T * C, D)
-                logits = data.x_val @ stacked.t()
-                predictions = logits.view(len(data.x_val), len(taus), -1).argmax(dim=2)
-                scores = mean_class_score(predictions, data.y_val, data.num_classes).cpu().numpy()
-            best = int(np.argmax(scores))
-            self.tau_ = taus[best]
-            self.tau_scores_ = [float(score) for score in scores]
-            self.tau_selected_on_ = "val"
-        else:
-            self.tau_ = 1.0
-            self.tau_scores_ = []
-            self.tau_selected_on_ = "default"
+                logits = (data.x_val @ stacked.t()).view(len(data.x_val), len(taus), -1)
+        self._choose_tau(taus, None if data.x_val is None else logits, data, default=1.0)
         normalized = (weight / norms[:, None] ** self.tau_).cpu().numpy()
         self._set_linear(normalized, None)
 
-    def _checked_taus(self) -> List[float]:
-        try:
-            taus = [float(tau) for tau in self.taus]
-        except (TypeError, ValueError):
-            taus = []
-        if not taus or not all(np.isfinite(taus)):
-            raise ConfigError(
-                f"head parameter taus of tau_norm must be a non-empty list of numbers; got {self.taus!r}"
-            )
-        return taus
+    def _choose_tau(self, taus: List[float], logits: Optional[torch.Tensor], data: PreparedData, *,
+                    default: float) -> None:
+        """tau_ (and tau_scores_, tau_selected_on_): the tau of ``taus`` whose
+        val logits (N_val, T, C) score the best mean class accuracy (the first
+        of equals), or ``default`` without val."""
+        if logits is not None:
+            predictions = logits.argmax(dim=2)
+            scores = mean_class_score(predictions, data.y_val, data.num_classes).cpu().numpy()
+            self.tau_ = taus[int(np.argmax(scores))]
+            self.tau_scores_ = [float(score) for score in scores]
+            self.tau_selected_on_ = "val"
+        else:
+            self.tau_, self.tau_scores_, self.tau_selected_on_ = default, [], "default"
 
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "tau": self.tau_, "selected_on": self.selected_on_}
+
+
+def _checked_taus(head: str, taus: Any) -> List[float]:
+    """``taus`` as a non-empty list of finite floats, else a ConfigError naming ``head``."""
+    try:
+        checked = [float(tau) for tau in taus]
+    except (TypeError, ValueError):
+        checked = []
+    if not checked or not all(np.isfinite(checked)):
+        raise ConfigError(f"head parameter taus of {head} must be a non-empty list of numbers; got {taus!r}")
+    return checked
+
+
+@register_head("posthoc_la")
+class PosthocLogitAdjustedHead(TauNormHead):
+    """Post-hoc logit adjustment: argmax_y f_y(x) - tau log pi_y of a trained linear head, tau chosen on val.
+
+    Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021),
+    Sec. 4 (eq. 9): a classifier trained with plain cross-entropy estimates
+    P(y | x) under the training prior pi; subtracting tau log pi_y from its
+    logits moves the decision towards the balanced error's optimum (tau = 1
+    exactly, under a well-calibrated model). pi is the training prior
+    (class counts / N); tau is chosen on val from ``taus`` (0, 0.1, ..., 2,
+    the paper's range; tau = 0 is the unadjusted head), else tau = 1. The
+    linear head is trained with the cell's loss, plain cross-entropy in the
+    paper; it shares linear's fused pass and weights.
+    """
+
+    def finish(self, trained, data, *, seed, train) -> None:
+        taus = _checked_taus(self.registered_name(), self.taus)
+        weight, bias = trained.params["weight"], trained.params["bias"]
+        counts = torch.as_tensor(np.asarray(data.class_counts, dtype=np.float64))
+        log_prior = torch.log(counts / counts.sum()).to(weight.dtype).to(weight.device)
+        if data.x_val is not None:
+            with torch.no_grad():
+                base = data.x_val @ weight.t() + bias  # (N_val, C)
+                shifts = torch.tensor(taus, dtype=weight.dtype, device=weight.device)[:, None] * log_prior
+                logits = base[:, None, :] - shifts[None, :, :]  # (N_val, T, C)
+        self._choose_tau(taus, None if data.x_val is None else logits, data, default=1.0)
+        self.log_prior_ = log_prior.cpu().numpy()
+        adjusted = (bias - self.tau_ * log_prior).cpu().numpy()
+        self._set_linear(weight.cpu().numpy(), adjusted)
 
 
 @register_head("lws")

@@ -257,7 +257,7 @@ def family_settings(
 
 
 def family_note(name: str, families: Mapping[str, Sequence[str]]) -> str:
-    """"s=1 on linear, tau_norm, lws and stage one; s=30 on cosine" for a loss
+    """"s=1 on linear, tau_norm, posthoc_la, lws and stage one; s=30 on cosine" for a loss
     whose settings differ by head family (the constructor default where a
     family sets none), ``families`` mapping each family to the classifiers
     in it; "" otherwise."""
