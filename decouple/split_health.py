@@ -27,7 +27,9 @@ only as well as the backbone keeps instance detail (below). On CIFAR-10,
 flipped and JPEG re-encoded (quality 30 to 95) copies of training images
 sit within 4 bits (flips at 0), while clean test images sit at 6 bits or
 more from every training image except the test set's own near-copies of
-training photographs.
+training photographs. Near-uniform images (blank frames, plain
+backgrounds) hash little more than rounding noise and can match one
+another.
 
 **Near-duplicates by embedding** (files without fingerprints). A held-out image is a near-copy of training images
 t_1..t_m (its m nearest, 1 <= m <= ``MAX_GROUP``) when, with d_i = 1 -

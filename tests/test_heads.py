@@ -101,6 +101,17 @@ def test_posthoc_la_is_the_linear_head_minus_tau_log_prior_with_tau_chosen_on_va
         _fit("posthoc_la", gaussian_feature_set, taus=[])
 
 
+def test_posthoc_la_with_an_empty_class_stays_finite(gaussian_feature_set):
+    """A class without training images counts as one (as in the losses): its
+    log prior is finite, so no tau sends every image to it."""
+    train, val, test = (gaussian_feature_set.splits[name] for name in ("train", "val", "test"))
+    keep = train.labels != 19
+    head = create_head("posthoc_la").fit(train.features[keep], train.labels[keep], X_val=val.features,
+                                         y_val=val.labels, loss="ce", train=FAST, num_classes=20)
+    assert np.isfinite(head.intercept_).all() and max(head.tau_scores_) > 0.3
+    assert (head.predict(test.features) == test.labels).mean() > 0.3
+
+
 def test_posthoc_la_lifts_few_shot_accuracy_over_its_cross_entropy_base(gaussian_feature_set):
     """The acceptance of issue 12 on the held-out Gaussian long-tailed data:
     at least 5 points of few-shot accuracy over CE on a linear head."""

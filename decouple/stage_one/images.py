@@ -63,17 +63,21 @@ def image_fingerprints(image: Image.Image) -> np.ndarray:
     filter), its 2-D DCT-II, the 8 x 8 lowest frequencies without the DC
     term, one bit per coefficient above their median (63 bits). Re-encoding,
     resizing or mild noise moves few bits; different photographs differ in
-    about half. Mirroring an image negates its odd horizontal frequencies,
-    so the mirror's hash comes from the same coefficients: a flipped copy's
-    own hash equals its source's mirrored one. Stored by ``decouple
-    extract`` for every image, it is what split health finds near-duplicates
-    across splits by (:mod:`decouple.split_health`).
+    about half. The mirror's hash is that of the mirrored image, resized on
+    its own (a box resize at a non-integer scale is not mirror-symmetric), so
+    a flipped copy's own hash equals its source's mirrored one exactly, at
+    any size. A near-uniform image hashes little more than rounding noise.
+    Stored by ``decouple extract`` for every image, it is what split health
+    finds near-duplicates across splits by (:mod:`decouple.split_health`).
     """
     side = FINGERPRINT_THUMBNAIL
-    grey = np.asarray(image.convert("L").resize((side, side), Image.Resampling.BOX), dtype=np.float64)
-    block = _DCT @ grey @ _DCT.T  # the 8 x 8 lowest frequencies of the 2-D DCT-II
-    mirrored = block * np.where(np.arange(FINGERPRINT_BLOCK) % 2, -1.0, 1.0)[None, :]
-    values = np.stack([block.ravel()[1:], mirrored.ravel()[1:]])  # (2, 63), without the DC term
+    grey = image.convert("L")
+    values = []
+    for view in (grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+        thumbnail = np.asarray(view.resize((side, side), Image.Resampling.BOX), dtype=np.float64)
+        block = _DCT @ thumbnail @ _DCT.T  # the 8 x 8 lowest frequencies of the 2-D DCT-II
+        values.append(block.ravel()[1:])  # without the DC term
+    values = np.stack(values)  # (2, 63)
     bits = values > np.median(values, axis=1, keepdims=True)
     padded = np.concatenate([np.zeros((2, 1), dtype=bool), bits], axis=1)  # 64 bits, the first 0
     return np.packbits(padded, axis=1).view(">u8").astype(np.uint64).ravel()

@@ -41,6 +41,7 @@ from decouple.errors import ConfigError
 from decouple.registry import Registry
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.losses import LOSSES, STAGE_ONE, create_loss, family_settings
+from decouple.stage_two.losses import log_prior as class_log_prior
 from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS, create_sampler
 from decouple.stage_two.scorers import CosineScorer, KNNScorer, LinearScorer, NCMScorer, Scorer
 from decouple.stage_two.trainer import (
@@ -525,8 +526,8 @@ class PosthocLogitAdjustedHead(TauNormHead):
     def finish(self, trained, data, *, seed, train) -> None:
         taus = _checked_taus(self.registered_name(), self.taus)
         weight, bias = trained.params["weight"], trained.params["bias"]
-        counts = torch.as_tensor(np.asarray(data.class_counts, dtype=np.float64))
-        log_prior = torch.log(counts / counts.sum()).to(weight.dtype).to(weight.device)
+        # An empty class counts as one image (the losses' convention), so its log prior stays finite.
+        log_prior = torch.as_tensor(class_log_prior(data.class_counts), dtype=weight.dtype, device=weight.device)
         if data.x_val is not None:
             with torch.no_grad():
                 base = data.x_val @ weight.t() + bias  # (N_val, C)

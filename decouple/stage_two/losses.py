@@ -697,7 +697,9 @@ def label_aware_smoothing_factors(
     the rarest (n_K), with r_c = (n_c - n_K) / (n_1 - n_K) (Zhong et al.
     2021, eq. 6): concave eps_K + (eps_1 - eps_K) sin(pi r / 2); linear
     eps_K + (eps_1 - eps_K) r; convex eps_1 + (eps_1 - eps_K) sin(3 pi / 2 +
-    pi r / 2). Equal counts (n_1 = n_K) give every class eps_1."""
+    pi r / 2). Equal counts (n_1 = n_K), where the authors' code divides by
+    zero, give every class eps_1; an empty class counts as one image (the
+    module's convention), which the authors' code does not do."""
     if shape not in LABEL_SMOOTHING_SHAPES:
         raise ConfigError(f"label_aware_smoothing shape must be one of {', '.join(LABEL_SMOOTHING_SHAPES)}; "
                           f"got {shape!r}")
