@@ -66,8 +66,19 @@ def mean_class_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes
     8,142 classes) and warns when a prediction names a class absent from
     ``labels``; bincounts are O(N + C).
     """
-    accuracy = per_class_accuracy(labels, predictions, num_classes)
-    return float(np.nanmean(accuracy)) if np.any(~np.isnan(accuracy)) else float("nan")
+    return _nanmean(per_class_accuracy(labels, predictions, num_classes))
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the non-NaN entries (NaN if none): mean class accuracy's reduction."""
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
+def _present_mean(values: np.ndarray) -> float:
+    """Mean of the non-NaN entries (NaN if none), summed over those alone, as
+    scikit-learn's macro average does: macro-F1's reduction."""
+    present = ~np.isnan(values)
+    return float(values[present].mean()) if present.any() else float("nan")
 
 
 def macro_f1_score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
@@ -78,9 +89,16 @@ def macro_f1_score(labels: np.ndarray, predictions: np.ndarray, num_classes: int
     the import of scikit-learn (seconds) in the commands that only read
     results.
     """
-    scores = per_class_f1(labels, predictions, num_classes)
-    present = ~np.isnan(scores)
-    return float(scores[present].mean()) if present.any() else float("nan")
+    return _present_mean(per_class_f1(labels, predictions, num_classes))
+
+
+def f1_from_counts(correct: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """F1 = 2 TP / (n + P) from per-class counts of any shape (broadcast): TP
+    correct images, P images predicted as the class, n its images. What
+    :func:`per_class_f1` and the bootstrap (:mod:`decouple.study.bootstrap`)
+    both compute, so that a resample of all-ones weights gives the same floats."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2.0 * correct / (support + predicted)
 
 
 def per_class_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -92,8 +110,7 @@ def per_class_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) 
     support = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.float64)
     predicted = np.bincount(predictions, minlength=num_classes)[:num_classes].astype(np.float64)
     correct = np.bincount(labels[predictions == labels], minlength=num_classes)[:num_classes].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, 2.0 * correct / (support + predicted), np.nan)
+    return np.where(support > 0, f1_from_counts(correct, predicted, support), np.nan)
 
 
 def shot_groups(
@@ -194,10 +211,10 @@ def evaluate(
         "n": int(len(labels)),
         "top1": _none_if_nan(top_k_accuracy(labels, scores, 1)),
         "top5": _none_if_nan(top_k_accuracy(labels, scores, 5)),
-        "macro_f1": _none_if_nan(macro_f1_score(labels, predictions, num_classes)) if len(labels) else None,
-        "mean_class_acc": _none_if_nan(mean_class_accuracy(labels, predictions, num_classes)),
     }
     class_f1 = per_class_f1(labels, predictions, num_classes) if len(labels) else class_accuracy
+    result["macro_f1"] = _none_if_nan(_present_mean(class_f1)) if len(labels) else None
+    result["mean_class_acc"] = _none_if_nan(_nanmean(class_accuracy))
     for name in GROUPS:
         result[name] = group_mean(class_accuracy, groups[name])
     for name in GROUPS:

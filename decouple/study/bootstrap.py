@@ -33,7 +33,7 @@ import numpy as np
 from scipy import sparse
 
 from decouple.errors import DecoupleError
-from decouple.metrics import GROUPS
+from decouple.metrics import GROUPS, f1_from_counts
 
 if TYPE_CHECKING:
     from decouple.study.store import CellRecord
@@ -134,9 +134,8 @@ def _metrics_from_errors(
         return {name: None for name in wanted}
     tp, predicted, hits = _counts(errors, support)
     present = support > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy = tp[:, present] / support[present]
-        f1 = 2.0 * tp[:, present] / (support[present] + predicted[:, present])
+    accuracy = tp[:, present] / support[present]  # present classes: support > 0
+    f1 = f1_from_counts(tp[:, present], predicted[:, present], support[present])
     index_of = np.full(num_classes, -1)
     index_of[present] = np.arange(int(present.sum()))
     out: Dict[str, Optional[np.ndarray]] = {}
