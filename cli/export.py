@@ -85,7 +85,7 @@ def export(
         samplers=samplers or None,
         seeds=seeds or None,
         # Per-image predictions: what --ci resamples, and part of a cell in the per-cell JSON.
-        predictions=ci or format_ == "json",
+        predictions=ci or (format_ == "json" and not summary),  # summary None: json defaults to per cell
     )
     if not records:
         raise DecoupleError(f"{db}: no cells match the selection (--features/--head/--loss/--sampler/--seed)")

@@ -61,6 +61,7 @@ class Compared:
     method: RankedMethod
     val: Interval
     behind: Optional[Interval]  # best - method on val; None for the best itself
+    spread: float = 0.0  # bootstrap standard deviation of that difference
 
     @property
     def indistinguishable(self) -> bool:
@@ -143,12 +144,11 @@ def recommend(
     val = Intervals.of_records(records, [SELECTION_SPLIT], metrics=[metric], resamples=resamples, seed=seed,
                                confidence=confidence)
     best_draws = val.mean_of(ranking[0].records, SELECTION_SPLIT)
-    methods, spreads = [], []
+    methods = []
     for rank, method in enumerate(ranking):
         draws = val.mean_of(method.records, SELECTION_SPLIT)
         behind, spread = (None, 0.0) if rank == 0 else difference(best_draws, draws, metric, confidence)
-        methods.append(Compared(method, draws.interval(metric, confidence), behind))
-        spreads.append(spread)
+        methods.append(Compared(method, draws.interval(metric, confidence), behind, spread))
     val_size = len(ranking[0].records[0].predictions[SELECTION_SPLIT].labels)
 
     best, baseline = ranking[0], _baseline(ranking)
@@ -176,7 +176,7 @@ def recommend(
         test_split=test_split, test=test, baseline=baseline, gain=gain, val_size_needed=None,
         settings=val.settings(), warnings=warnings,
     )
-    _warn(recommendation, spreads, confidence)
+    _warn(recommendation, confidence)
     return recommendation
 
 
@@ -188,7 +188,7 @@ def _baseline(ranking: Sequence[RankedMethod]) -> Optional[RankedMethod]:
     return (plain or matches or [None])[0]
 
 
-def _warn(recommendation: Recommendation, spreads: Sequence[float], confidence: float) -> None:
+def _warn(recommendation: Recommendation, confidence: float) -> None:
     """Fill in the val size needed and the warnings of a recommendation. The
     size is the one that would separate the best from the closest method
     that val scores differently (methods with the very same val predictions,
@@ -197,18 +197,18 @@ def _warn(recommendation: Recommendation, spreads: Sequence[float], confidence: 
     others = len(recommendation.indistinguishable) - 1
     if others > 0:
         label = METRIC_LABELS.get(recommendation.metric, recommendation.metric)
-        pairs = list(zip(methods[1:], spreads[1:]))
-        same = [method for method, spread in pairs if abs(method.behind.mean) <= TOLERANCE and spread <= TOLERANCE]
-        closest = next(((method, spread) for method, spread in pairs
-                        if method.indistinguishable and spread > TOLERANCE and method.behind.mean > TOLERANCE), None)
+        same = [method for method in methods[1:]
+                if abs(method.behind.mean) <= TOLERANCE and method.spread <= TOLERANCE]
+        closest = next((method for method in methods[1:]
+                        if method.indistinguishable and method.spread > TOLERANCE
+                        and method.behind.mean > TOLERANCE), None)
         text = (f"the {recommendation.val_size} val images cannot separate {others} method(s) from the best "
                 f"at {confidence:.0%}")
         if closest is not None:
-            method, spread = closest
-            gap = method.behind.mean
+            gap = closest.behind.mean
             z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0) + NormalDist().inv_cdf(POWER)
-            recommendation.val_size_needed = int(math.ceil(recommendation.val_size * (z * spread / gap) ** 2))
-            text += (f"; separating it from {method.method.text()} ({_points(gap)} points of {label} behind) "
+            recommendation.val_size_needed = int(math.ceil(recommendation.val_size * (z * closest.spread / gap) ** 2))
+            text += (f"; separating it from {closest.method.text()} ({_points(gap)} points of {label} behind) "
                      f"would take about {recommendation.val_size_needed:,} val images ({POWER:.0%} power, if "
                      f"that difference held)")
         if same:
