@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Optional, Tuple
 
 import click
 
@@ -49,6 +49,14 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 @click.option("--backbone-weights", default=None, metavar="FILE",
               help="With --save-model: the fine-tuned backbone weights, if the run's checkpoint is not "
                    "beside the feature file.")
+@click.option("--target-prior", default=None, metavar="uniform|train|FILE",
+              help="Score every split under this class prior: uniform, train (the training counts) or a "
+                   "JSON / CSV file of class weights (class name,weight); the head's scores move from the "
+                   "prior its method assumes (params.prior) [that prior]. A saved model keeps the assumed "
+                   "prior: give `decouple predict --target-prior`.")
+@click.option("--view", "views", multiple=True, metavar="SPLIT@PRIOR",
+              help="Also score SPLIT under a named prior, as split SPLIT@PRIOR, e.g. test_lt@train "
+                   "(repeatable).")
 def head(
     features_path: str,
     loss: Optional[str],
@@ -69,6 +77,8 @@ def head(
     output: Optional[str],
     save_model: Optional[str],
     backbone_weights: Optional[str],
+    target_prior: Optional[str],
+    views: Tuple[str, ...],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
     from decouple.deploy.save import fit_head_file
@@ -79,6 +89,7 @@ def head(
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                      device=device, precision=precision)
     train = TrainConfig(
+        views=tuple(views),
         groups=groups,
         many_threshold=many_threshold,
         few_threshold=few_threshold,
@@ -87,7 +98,7 @@ def head(
     check_output_path(output)
     result, saved = fit_head_file(
         features_path, Cell(head=head_name, loss=loss, sampler=sampler, seed=seed), train=train,
-        save_to=save_model, backbone_weights=backbone_weights,
+        save_to=save_model, backbone_weights=backbone_weights, target_prior=target_prior,
     )
     if saved is not None:
         click.echo(saved.describe(), err=True)

@@ -22,9 +22,13 @@ import click
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image-decoding processes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
+@click.option("--target-prior", default=None, metavar="uniform|train|FILE",
+              help="The class prior of the images to classify: uniform (balanced), train (as long-tailed as the "
+                   "training set) or a JSON / CSV file of class weights (class name,weight). The scores move "
+                   "from the prior the method assumes, which the model file records [that prior].")
 def predict(
     model_path: str, inputs: Tuple[str, ...], out: Optional[str], format_: str, top_k: int, split: Optional[str],
-    batch_size: int, device: Optional[str], workers: int, progress: Optional[bool],
+    batch_size: int, device: Optional[str], workers: int, progress: Optional[bool], target_prior: Optional[str],
 ) -> None:
     """Classify images with a model file from `decouple save-model`.
 
@@ -37,7 +41,7 @@ def predict(
     from decouple.deploy.model import load_model
     from decouple.deploy.predict import PredictSummary, collect_inputs, write_predictions
 
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=device).set_target_prior(target_prior)
     items = collect_inputs(inputs, split=split)
     summary = PredictSummary()
     show = sys.stderr.isatty() if progress is None else progress

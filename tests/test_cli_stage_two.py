@@ -83,9 +83,11 @@ def test_info_prints_splits_counts_and_groups(gaussian_features):
 
 def test_list_prints_one_line_per_entry():
     lines = _run(["list", "heads"]).splitlines()
-    assert [line.split()[0] for line in lines] == ["linear", "cosine", "tau_norm", "posthoc_la", "lws", "ncm", "knn"]
+    assert [line.split()[0] for line in lines] == [
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn"]
     assert len(_run(["list", "losses"]).splitlines()) == 9
-    assert len(_run(["list", "samplers"]).splitlines()) == 4
+    assert [line.split()[0] for line in _run(["list", "samplers"]).splitlines()] == [
+        "instance", "class_balanced", "square_root", "progressive", "calibrated_features"]
     everything = _run(["list"])
     assert "losses:" in everything and "samplers:" in everything and "heads:" in everything
 
@@ -97,7 +99,7 @@ def test_list_losses_names_ldams_scale_for_every_head_family():
     assert trainable == {name: family for family, members in head_families().items() for name in members if name in HEADS.names()}
     assert head_families()["linear"][-1] == "stage one"
     ldam = next(line for line in _run(["list", "losses"]).splitlines() if line.startswith("ldam"))
-    assert ldam.endswith("(s=1 on linear, tau_norm, posthoc_la, lws and stage one; s=30 on cosine)")
+    assert ldam.endswith("(s=1 on linear, tau_norm, posthoc_la, lws, disalign and stage one; s=30 on cosine)")
 
 
 def test_help_imports_neither_torch_nor_faiss():

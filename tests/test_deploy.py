@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,8 @@ def run(cifar_subset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, params", [
-    ("linear", {}), ("cosine", {}), ("tau_norm", {}), ("lws", {}), ("ncm", {}), ("ncm", {"metric": "l2"}),
-    ("knn", {}), ("knn", {"metric": "l2", "k": 3}),
+    ("linear", {}), ("cosine", {}), ("tau_norm", {}), ("lws", {}), ("disalign", {}), ("ncm", {}),
+    ("ncm", {"metric": "l2"}), ("knn", {}), ("knn", {"metric": "l2", "k": 3}),
 ])
 def test_every_head_scorer_gives_its_decision_function(name, params):
     rng = np.random.default_rng(0)
@@ -81,6 +82,39 @@ def test_every_head_scorer_gives_its_decision_function(name, params):
     got = head.scorer()(torch.from_numpy(X_val)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+def test_the_disalign_scorer_survives_the_model_file_and_the_portable_formats(tmp_path):
+    """Its sigmoid confidence is not linear, so it has a scorer of its own:
+    rebuilt from its tensors, traced and exported to ONNX, it still gives
+    the head's scores."""
+    from decouple.stage_two.scorers import rebuild_scorer
+
+    rng = np.random.default_rng(1)
+    means = rng.normal(size=(5, 8)) * 2
+    y = np.repeat(np.arange(5), [50, 25, 12, 6, 3])
+    X = (means[y] + rng.normal(size=(len(y), 8))).astype(np.float32)
+    head = create_head("disalign").fit(X, y, X_val=X[::3], y_val=y[::3])
+    queries = (means[np.arange(7) % 5] + rng.normal(size=(7, 8))).astype(np.float32)
+    expected = head.decision_function(queries)
+    scorer = head.scorer()
+    rebuilt = rebuild_scorer(type(scorer).registered_name(), scorer.state_dict(), scorer.settings()).eval()
+    inputs = torch.from_numpy(queries)
+    with torch.no_grad():
+        np.testing.assert_allclose(rebuilt(inputs).numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.*deprecated")
+            traced = torch.jit.trace(rebuilt, inputs[:2])
+        np.testing.assert_allclose(traced(inputs).numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "disalign.onnx"
+    torch.onnx.export(rebuilt, (inputs[:2],), str(path), input_names=["x"], output_names=["scores"], dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": queries})[0], expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------- the model file
@@ -142,6 +176,26 @@ def test_predict_on_the_test_images_scores_what_the_sweep_recorded(run, head, tm
     top1, n = _top1_of_rows(result.stdout)
     assert n == meta["metrics"]["test"]["n"]
     assert abs(top1 - meta["metrics"]["test"]["top1"]) <= max(0.003, 2 / n) + 1e-9
+
+
+def test_predict_under_the_train_prior_scores_what_the_view_recorded(run, tmp_path):
+    """``predict --target-prior train`` on the long-tailed test images gives
+    the top-1 that ``head --view test_lt@train`` recorded on the cache; a
+    bad prior file is one clear error."""
+    model = tmp_path / "balanced.pt"
+    saved = invoke(["head", "--features", run["features"], "--loss", "balanced_softmax", "--view", "test_lt@train",
+                    "--save-model", model, "--json"])
+    assert saved.exit_code == 0, saved.output
+    meta = read_model_file(model).meta
+    assert meta["prior"]["assumed"] == "uniform"
+    result = invoke(["predict", model, run["manifest"], "--split", "test_lt", "--format", "jsonl",
+                     "--target-prior", "train"])
+    assert result.exit_code == 0, result.output
+    top1, n = _top1_of_rows(result.stdout)
+    assert n == meta["metrics"]["test_lt@train"]["n"]
+    assert abs(top1 - meta["metrics"]["test_lt@train"]["top1"]) <= max(0.003, 2 / n) + 1e-9
+    bad = invoke(["predict", model, run["manifest"], "--target-prior", tmp_path / "missing.json"])
+    assert bad.exit_code != 0 and "no such prior file" in bad.output
 
 
 def test_the_saved_model_embeds_as_stage_one_did(run):

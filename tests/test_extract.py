@@ -234,6 +234,14 @@ def test_unknown_backbone_suggests(tmp_path):
     assert_bad_input(result, "unknown timm model 'convnext_bse'", "'convnext_base'")
 
 
+def test_a_sampler_that_synthesises_features_is_refused(tmp_path):
+    data = tiny_folder(tmp_path / "d", ["ant", "bee"])
+    result = invoke(small_args(data, tmp_path / "f", "--sampler", "calibrated_features"))
+    assert_bad_input(result, "--sampler calibrated_features is a stage-two sampler",
+                     "instance, class_balanced, square_root, progressive")
+    assert leftovers(tmp_path / "f") == []
+
+
 def test_pretrained_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
 

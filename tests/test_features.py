@@ -89,8 +89,8 @@ def test_bad_feature_file_is_one_line_exit_2(case, command, tmp_path, gaussian_f
     "args, pattern",
     [
         (["--loss", "balanced_sofmax"], r"unknown loss 'balanced_sofmax'.*balanced_softmax.*logit_adjusted"),
-        (["--sampler", "balanced"], r"unknown sampler 'balanced'.*instance, class_balanced, square_root, progressive"),
-        (["--head", "tau"], r"unknown head 'tau'.*linear, cosine, tau_norm, posthoc_la, lws, ncm, knn"),
+        (["--sampler", "balanced"], r"unknown sampler 'balanced'.*instance, class_balanced, square_root, progressive, calibrated_features"),
+        (["--head", "tau"], r"unknown head 'tau'.*linear, cosine, tau_norm, posthoc_la, lws, disalign, ncm, knn"),
         (["--head", "ncm", "--loss", "ce"], r"head 'ncm' is training-free and takes no loss"),
         (["--head", "knn", "--sampler", "class_balanced"], r"head 'knn' is training-free and takes no sampler"),
     ],

@@ -22,10 +22,11 @@ def _fit(name, feature_set, head=None, **params):
 
 
 def test_registry_lists_the_heads():
-    assert [name for name, _ in list_heads()] == ["linear", "cosine", "tau_norm", "posthoc_la", "lws", "ncm", "knn"]
+    assert [name for name, _ in list_heads()] == [
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn"]
     assert all(description for _, description in list_heads())
     assert {name for name in HEADS if HEADS.get(name).trainable} == {
-        "linear", "cosine", "tau_norm", "posthoc_la", "lws"}
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign"}
 
 
 def test_unknown_head_and_parameter():
@@ -164,3 +165,99 @@ def test_cosine_head_scores_are_scaled_cosines(gaussian_feature_set):
     scores = head.decision_function(X)
     assert np.abs(scores).max() <= 10.0 + 1e-4
     np.testing.assert_allclose(np.linalg.norm(head.coef_, axis=1), 1.0, rtol=1e-5)
+
+
+def test_disalign_logits_are_the_papers_alignment_of_the_frozen_logits():
+    """Zhang et al. 2021, eq. 4: (1 + s(x) alpha) * z + s(x) beta with
+    s(x) = sigmoid(v.x + b_v), on a head set by hand; x the standardised
+    feature. Worked by hand: x = (2, 3, 0) gives z = (2, 4), s = 1/2 and
+    (4, 2); x = (1, 1, ln 3) gives z = (1, 2), s = 3/4 and (3.25, 0.5)."""
+    import torch
+
+    head = create_head("disalign")
+    head.mean_ = np.array([1.0, 1.0, 0.0], dtype=np.float32)
+    head.scale_ = np.array([0.5, 1.0, 2.0], dtype=np.float32)
+    head.weight_ = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    head.bias_ = np.array([0.0, 1.0], dtype=np.float32)
+    head.confidence_weight_ = np.array([0.0, 0.0, 1.0], dtype=np.float32)
+    head.confidence_bias_ = 0.0
+    head.alpha_ = np.array([1.0, -1.0], dtype=np.float32)
+    head.beta_ = np.array([2.0, 0.0], dtype=np.float32)
+    standardized = np.array([[2.0, 3.0, 0.0], [1.0, 1.0, np.log(3.0)]])
+    X = (standardized / head.scale_ + head.mean_).astype(np.float32)
+    np.testing.assert_allclose(head.decision_function(X), [[4.0, 2.0], [3.25, 0.5]], rtol=1e-5)
+    np.testing.assert_allclose(head.confidence(X), [0.5, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(head.scorer()(torch.from_numpy(X)).numpy(), [[4.0, 2.0], [3.25, 0.5]], rtol=1e-5)
+
+
+def test_disalign_generalized_reweighting_is_the_papers_weighted_cross_entropy():
+    """GRW (Zhang et al. 2021, Sec. 3.3): w_c = (1 / r_c)**rho / sum_k (1 / r_k)**rho * C
+    with r_c = n_c / N, and torch's weighted-mean reduction of the authors' code."""
+    import torch
+    import torch.nn.functional as F
+
+    from decouple.stage_two.losses import GeneralizedReweightLoss
+
+    counts = np.array([8.0, 4.0, 2.0, 1.0])
+    for rho in (0.0, 0.5, 1.2, 2.0):
+        ratio = counts / counts.sum()
+        expected = (1.0 / ratio) ** rho / np.sum((1.0 / ratio) ** rho) * len(counts)
+        loss = GeneralizedReweightLoss(counts, power=rho)
+        np.testing.assert_allclose(loss.class_weights.numpy(), expected, rtol=1e-6)
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 0.0, 0.0], [0.3, 0.2, 0.1, 3.0]], dtype=torch.float64)
+    target = torch.tensor([0, 1, 3])
+    weights = torch.as_tensor(expected)[target]  # rho = 2.0
+    per_image = -torch.log_softmax(logits, dim=1)[torch.arange(3), target]
+    np.testing.assert_allclose(loss(logits, target).item(), ((weights * per_image).sum() / weights.sum()).item(),
+                               rtol=1e-12)
+    assert loss(logits, target).item() == pytest.approx(F.cross_entropy(logits, target, weight=weights.new_tensor(
+        expected)).item(), rel=1e-12)
+
+
+def test_disalign_lifts_few_shot_accuracy_over_its_cross_entropy_base(gaussian_feature_set):
+    """DisAlign on the linear head that ce / instance trained (one fused
+    pass): at least 5 points of few-shot accuracy, without giving up the
+    head classes (many-shot within 10 points) or any class altogether."""
+    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.fit import fit_cells
+
+    base, aligned = fit_cells(gaussian_feature_set, [Cell("linear", "ce", "instance", 0),
+                                                     Cell("disalign", "ce", "instance", 0)], keep_heads=True)
+    assert aligned.metrics["test"]["few"] >= base.metrics["test"]["few"] + 0.05
+    assert aligned.metrics["test"]["mean_class_acc"] > base.metrics["test"]["mean_class_acc"]
+    assert aligned.metrics["test"]["many"] >= base.metrics["test"]["many"] - 0.10
+    assert min(aligned.metrics["test"]["per_class"]) > 0.0
+    assert aligned.params["epoch"] == base.params["epoch"]  # the same linear weights
+    assert aligned.params["selected_on"] == "val" and 1 <= aligned.params["align_epoch"]
+    head = aligned.fitted_head
+    assert head.align_history_ and head.align_epoch_ <= aligned.params["train"]["epochs"]
+    assert np.all(np.isfinite(head.alpha_)) and np.all(np.isfinite(head.beta_))
+    assert 0.0 < head.confidence(gaussian_feature_set.splits["test"].features).mean() < 1.0
+
+
+def test_disalign_same_seed_same_numbers_and_its_epoch_is_chosen_on_val(gaussian_feature_set):
+    train, val, test = (gaussian_feature_set.splits[name] for name in ("train", "val", "test"))
+    first, second = (_fit("disalign", gaussian_feature_set) for _ in range(2))
+    np.testing.assert_array_equal(first.decision_function(test.features), second.decision_function(test.features))
+    assert first.selection_() == second.selection_()
+    other = create_head("disalign").fit(train.features, train.labels, X_val=val.features, y_val=val.labels,
+                                        loss="balanced_softmax", seed=1, train=FAST)
+    assert not np.array_equal(other.decision_function(test.features), first.decision_function(test.features))
+    # Without val the alignment keeps its last epoch, and says so.
+    blind = create_head("disalign", epochs=3).fit(train.features, train.labels, loss="ce", train=FAST)
+    assert blind.align_epoch_ == 3 and blind.align_history_ == [] and blind.selected_on_ == "last_epoch"
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"rho": -0.5}, "rho"), ({"rho": float("nan")}, "rho"), ({"rho": "high"}, "rho"), ({"rho": True}, "rho"),
+    ({"epochs": 0}, "epochs"), ({"epochs": 2.5}, "epochs"),
+])
+def test_disalign_bad_parameters_name_themselves(gaussian_feature_set, params, name):
+    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.fit import fit_cells
+
+    with pytest.raises(ConfigError, match=f"head parameter {name} of disalign"):
+        _fit("disalign", gaussian_feature_set, **params)
+    # A sweep refuses it before any training.
+    with pytest.raises(ConfigError, match=f"head parameter {name} of disalign"):
+        fit_cells(gaussian_feature_set, [Cell("disalign", "ce", params={"disalign": params})])

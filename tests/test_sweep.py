@@ -507,7 +507,8 @@ def test_head_takes_loss_follows_each_head_class():
     from decouple.stage_two.heads import HEADS, Head
     from decouple.study.grid import head_takes_loss
 
-    assert [name for name in HEADS.names() if head_takes_loss(name)] == ["linear", "cosine", "tau_norm", "posthoc_la", "lws"]
+    assert [name for name in HEADS.names() if head_takes_loss(name)] == [
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign"]
     assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn"]
     assert Head.trainable is False  # a new head takes no loss unless its class says so
 

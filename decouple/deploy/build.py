@@ -29,6 +29,7 @@ from decouple.provenance import file_sha256, jsonable, package_versions, utc_now
 from decouple.stage_one.backbones import create_backbone, embedding_dim, read_state_dict, state_dict_sha256
 from decouple.stage_one.finetune import data_config_for, seed_everything
 from decouple.stage_two.cells import CellResult
+from decouple.stage_two.priors import assumed_prior, named_log_prior
 
 #: The keys of timm's data config a model file keeps as its preprocessing.
 PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -148,6 +149,23 @@ def preprocess_of(model: nn.Module, feature_set, config: Mapping[str, Any]) -> D
     return {key: jsonable(data_config.get(key)) for key in PREPROCESS_KEYS}
 
 
+def prior_meta(feature_set, result: CellResult) -> Dict[str, Any]:
+    """What ``predict --target-prior`` needs (:mod:`decouple.stage_two.priors`):
+    the prior the head assumes and the training prior, as log probabilities,
+    and whether its scores are probabilities (knn) or logits."""
+    head = result.fitted_head
+    sampler_params = (result.params.get("sampler") or {}) if head.trainable else None
+    epochs = int((result.params.get("train") or {}).get("epochs") or 1)
+    assumed = assumed_prior(head, result.loss, result.sampler, feature_set.train_counts,
+                            sampler_params=sampler_params, total_epochs=epochs)
+    return {
+        "assumed": assumed.name,
+        "log_assumed": [float(value) for value in assumed.log_probabilities],
+        "log_train": [float(value) for value in named_log_prior("train", feature_set.train_counts)],
+        "scores_are_probabilities": bool(head.scores_are_probabilities),
+    }
+
+
 def build_model_file(
     feature_set,
     result: CellResult,
@@ -182,6 +200,7 @@ def build_model_file(
             "value": float(calibration.get("temperature", 1.0)),
             "selected_on": calibration.get("selected_on", "default"),
         },
+        "prior": prior_meta(feature_set, result),
         "method": {
             "head": result.head, "loss": result.loss, "sampler": result.sampler, "seed": result.seed,
             "params": jsonable(result.params),

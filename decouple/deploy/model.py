@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -14,6 +15,7 @@ from decouple.deploy.model_file import ModelFile, ModelFileError, PathLike, read
 from decouple.errors import DecoupleError, first_line
 from decouple.stage_one.backbones import create_backbone, embed
 from decouple.stage_one.finetune import make_transform
+from decouple.stage_two.priors import read_prior_file
 from decouple.stage_two.scorers import rebuild_scorer
 
 
@@ -25,6 +27,8 @@ class DecoupleModel(nn.Module):
     ``softmax(model(x))`` are calibrated probabilities and the argmax is the
     head's prediction. ``transform()`` is the preprocessing of the
     extraction run (PIL image -> tensor); ``class_names[i]`` names logit i.
+    :meth:`set_target_prior` moves the scores to the class prior the model
+    is deployed under (:mod:`decouple.stage_two.priors`).
     """
 
     def __init__(
@@ -43,16 +47,47 @@ class DecoupleModel(nn.Module):
         self.backbone = backbone
         self.scorer = scorer
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        # log pi_target - log pi_assumed (C,), None for the prior the head assumes.
+        self.register_buffer("prior_shift", None)
         self.class_names: List[str] = list(class_names)
         self.preprocess: Dict[str, Any] = dict(preprocess)
         self.meta: Dict[str, Any] = dict(meta or {})
+
+    def set_target_prior(self, target: Optional[str]) -> "DecoupleModel":
+        """Score under class prior ``target``: "uniform", "train" (the
+        training counts), a JSON / CSV file of class weights, or None for the
+        prior the head assumes (the model file records it). Returns self."""
+        if target is None:
+            self.prior_shift = None
+            return self
+        prior = self.meta.get("prior")
+        if not isinstance(prior, dict) or "log_assumed" not in prior:
+            raise DecoupleError("this model file records no assumed prior (saved before decouple had priors); "
+                                "save it again to use a target prior")
+        log_train = np.asarray(prior["log_train"], dtype=np.float64)
+        if target == "uniform":
+            log_target = np.full(len(self.class_names), -np.log(len(self.class_names)))
+        elif target == "train":
+            log_target = log_train
+        else:
+            log_target = read_prior_file(target, self.class_names)
+        shift = torch.tensor(log_target - np.asarray(prior["log_assumed"], dtype=np.float64), dtype=torch.float32)
+        self.prior_shift = shift.to(self.temperature.device)
+        return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pre-logit embeddings (B, D), as stage one cached them."""
         return embed(self.backbone, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scorer(self.embed(images)) / self.temperature
+        scores = self.scorer(self.embed(images))
+        if self.prior_shift is not None:
+            if self.meta["prior"].get("scores_are_probabilities"):  # Bayes' rule on probabilities (knn)
+                scores = scores * torch.exp(self.prior_shift - self.prior_shift.max())
+                scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            else:
+                scores = scores + self.temperature * self.prior_shift
+        return scores / self.temperature
 
     def transform(self) -> Callable:
         """PIL RGB image -> normalised tensor (3, H, W): the extraction run's

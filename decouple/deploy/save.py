@@ -97,18 +97,20 @@ def fit_head_file(
     train: TrainConfig = TrainConfig(),
     save_to: Optional[PathLike] = None,
     backbone_weights: Optional[PathLike] = None,
+    target_prior: Optional[str] = None,
 ) -> Tuple[CellResult, Optional[SavedModel]]:
     """``decouple head``: fit one cell on the feature file at ``path`` and score
     it; with ``save_to``, save it as a model. Names and settings are checked
     before the file is read, and the backbone is found before the fit, so a
-    typo or a missing checkpoint fails at once."""
+    typo or a missing checkpoint fails at once. ``target_prior``: score
+    every split under that prior (:func:`~decouple.stage_two.fit.fit_cells`)."""
     cell = validate_cell(cell)
     train = train.validated()
     if save_to is not None and HEADS.get(cell.head).scorer is Head.scorer:
         raise ConfigError(f"head {cell.head!r} cannot be saved as a model: it defines no scorer()")
     feature_set = read_features(path)
     backbone = find_backbone(feature_set, weights=backbone_weights) if save_to is not None else None
-    result = fit_cell(feature_set, cell, train=train, keep_head=save_to is not None)
+    result = fit_cell(feature_set, cell, train=train, keep_head=save_to is not None, target_prior=target_prior)
     saved = None
     if save_to is not None:
         saved = save_cell(feature_set, result, save_to, backbone=backbone)

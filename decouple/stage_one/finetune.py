@@ -42,7 +42,7 @@ from decouple.stage_one.distributed import DistInfo, default_workers
 from decouple.stage_one.images import ImageDataset
 from decouple.stage_one.manifest import Manifest
 from decouple.stage_two.losses import create_loss, family_settings
-from decouple.stage_two.samplers import DistributedClassSampler, create_sampler
+from decouple.stage_two.samplers import SAMPLERS, DistributedClassSampler, create_sampler
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("lr schedule")
@@ -138,6 +138,12 @@ class FinetuneConfig:
         the loss takes the settings the linear heads of stage two take
         (LDAM's s = 1; :func:`decouple.stage_two.losses.family_settings`)."""
         OPTIMIZERS.check(self.optimizer, where="--optimizer")
+        if self.sampler in SAMPLERS and SAMPLERS.get(self.sampler).synthesizes_features:
+            usable = [name for name in SAMPLERS if not SAMPLERS.get(name).synthesizes_features]
+            raise ConfigError(
+                f"--sampler {self.sampler} is a stage-two sampler: it synthesises feature rows, which "
+                f"stage one's image loader cannot draw; fine-tune with one of {', '.join(usable)}"
+            )
         SCHEDULES.check(self.schedule, where="--schedule")
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
         if self.epochs < 0:

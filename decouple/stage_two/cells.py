@@ -53,6 +53,9 @@ class CellResult:
     #: The fitted head itself, when :func:`~decouple.stage_two.fit.fit_cells`
     #: was asked to keep it (``keep_heads``); not part of the JSON result.
     fitted_head: Any = field(default=None, repr=False, compare=False)
+    #: The validated :class:`Cell` this is the result of (its settings as
+    #: given, which tell apart cells of one method that a sweep varies).
+    cell: Optional[Cell] = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object of DESIGN.md (plain dicts, lists, numbers, strings)."""

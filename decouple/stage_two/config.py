@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,6 +59,10 @@ class TrainConfig:
     many > ``many_threshold``, few < ``few_threshold`` training images,
     100 and 20 by default) or "thirds" (the classes ranked by training
     count, cut into three equal groups; the thresholds are then unused).
+    ``views``: extra scored views ``<split>@<prior>``, e.g. ``test_lt@train``:
+    the split scored again with every head's scores moved from the prior
+    it assumes to the named one, "uniform" or "train"
+    (:mod:`decouple.stage_two.priors`); stored as a split of that name.
 
     **Precision** of the fused trainer's two large matrix products per step
     (the logits and the weight gradient,
@@ -83,6 +87,7 @@ class TrainConfig:
     few_threshold: int = 20
     precision: str = "auto"
     groups: str = DEFAULT_SHOT_RULE
+    views: Tuple[str, ...] = ()
 
     def validated(self) -> "TrainConfig":
         """Self after checking every field, with ``precision`` "auto" and ``lr``
@@ -116,7 +121,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train setting precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
             )
-        return replace(self, lr=float(lr), precision=self.resolved_precision())
+        views = (self.views,) if isinstance(self.views, str) else self.views
+        if not isinstance(views, (list, tuple)) or not all(isinstance(view, str) for view in views):
+            raise ConfigError(f"train setting views must be a list of <split>@<prior>, e.g. [test_lt@train]; "
+                              f"got {self.views!r}")
+        for view in views:
+            split, at, prior = view.partition("@")
+            if not at or not split or prior not in ("uniform", "train"):
+                raise ConfigError(f"train setting views: {view!r} must be <split>@<prior> with prior uniform or "
+                                  f"train, e.g. test_lt@train")
+        return replace(self, lr=float(lr), precision=self.resolved_precision(), views=tuple(dict.fromkeys(views)))
 
     def epochs_for(self, num_rows: int) -> int:
         """Epochs of a run over ``num_rows`` training rows: ``epochs`` if set,

@@ -18,6 +18,7 @@ from decouple.stage_two.cells import Cell, CellResult, freeze_settings, method_p
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.heads import create_head
 from decouple.stage_two.losses import create_loss
+from decouple.stage_two.priors import AssumedPrior, assumed_prior, named_log_prior, parse_view, shift_scores, target_log_prior
 from decouple.stage_two.samplers import create_sampler
 from decouple.stage_two.trainer import PreparedData, train_heads
 
@@ -26,12 +27,18 @@ def _label_of(feature_set) -> str:
     return str(feature_set.path) if feature_set.path is not None else "<in memory>"
 
 
-def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any],
-                                                                Dict[str, SplitPredictions]]:
+def _score_head(head, feature_set, train: TrainConfig, *, assumed: AssumedPrior, target: Optional[str] = None
+                ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any], Dict[str, SplitPredictions]]:
     """(metrics, calibration, per-image predictions) of every split but
     train: a temperature is fitted on the val split's scores (Guo et al.
     2017; T = 1 without val) and every split is scored before and after it.
-    Each split's scores are computed once."""
+    Each split's scores are computed once.
+
+    ``target``: a prior ("uniform", "train" or a file of class weights)
+    every split is scored under, the head's scores moved from the
+    ``assumed`` prior (:mod:`decouple.stage_two.priors`); ``train.views``
+    add splits scored under a named prior (``test_lt@train``) where the
+    file has the split."""
     splits = feature_set.eval_splits
     scores = {}
     if "val" in splits:
@@ -44,10 +51,21 @@ def _score_head(head, feature_set, train: TrainConfig) -> Tuple[Dict[str, Dict[s
     else:
         temperature, selected_on = 1.0, "default"
     counts = feature_set.train_counts
+    log_target = None if target is None else target_log_prior(target, counts, feature_set.class_names)
+    views = [(f"{split}@{prior}", split, named_log_prior(prior, counts))
+             for split, prior in map(parse_view, train.views) if split in splits]
     metrics, predictions = {}, {}
-    for name in splits:
-        split = feature_set.splits[name]
-        split_scores = scores.pop(name) if name in scores else head.decision_function(split.features)
+    scored = [(name, name, log_target) for name in splits] + views
+    for position, (name, split_name, log_prior) in enumerate(scored):
+        split = feature_set.splits[split_name]
+        if split_name not in scores:
+            scores[split_name] = head.decision_function(split.features)
+        split_scores = scores[split_name]
+        if not any(later == split_name for _, later, _ in scored[position + 1:]):
+            del scores[split_name]  # its last use
+        if log_prior is not None:
+            split_scores = shift_scores(split_scores, log_prior, assumed.log_probabilities, temperature,
+                                        probabilities=head.scores_are_probabilities)
         metrics[name] = evaluate(
             split.labels,
             split_scores,
@@ -94,20 +112,28 @@ class _Results:
     calling ``on_result`` and advancing the progress bar as each is ready."""
 
     def __init__(self, feature_set, train: TrainConfig, count: int, on_result, progress: bool,
-                 keep_heads: bool) -> None:
+                 keep_heads: bool, target_prior: Optional[str] = None) -> None:
         self.feature_set, self.train, self.on_result, self.keep_heads = feature_set, train, on_result, keep_heads
+        self.target_prior = target_prior
         self.results: List[Optional[CellResult]] = [None] * count
         label = _label_of(feature_set)
         self.bar = tqdm(total=count, unit="cell", desc=label, leave=False) if progress else None
 
     def finish(self, plan: _Plan, seconds: float) -> None:
-        metrics, calibration, predictions = _score_head(plan.head, self.feature_set, self.train)
+        trainable = plan.head.trainable
+        assumed = assumed_prior(
+            plan.head, plan.cell.loss, plan.cell.sampler, self.feature_set.train_counts,
+            sampler_params=plan.settings["sampler"] if trainable else None, total_epochs=self.train.epochs,
+        )
+        metrics, calibration, predictions = _score_head(plan.head, self.feature_set, self.train, assumed=assumed,
+                                                        target=self.target_prior)
         params = {"head": plan.head.get_params(), **plan.head.selection_()}
-        if plan.head.trainable:
+        if trainable:
             params["loss"] = plan.head.loss_params_
             params["sampler"] = plan.head.sampler_params_
             params["train"] = self.train.to_dict()
         params["calibration"] = calibration
+        params["prior"] = {"assumed": assumed.name, "target": self.target_prior}
         # The rule of the many / medium / few metrics, beside them for every head
         # (training-free heads record no train settings).
         params["shot_groups"] = {"rule": self.train.groups, "many_threshold": self.train.many_threshold,
@@ -123,6 +149,7 @@ class _Results:
             metrics=metrics,
             predictions=predictions,
             fitted_head=plan.head if self.keep_heads else None,
+            cell=plan.cell,
         )
         self.results[plan.index] = result
         if self.on_result is not None:
@@ -144,6 +171,7 @@ def fit_cells(
     on_result: Optional[Callable[[CellResult], None]] = None,
     progress: bool = False,
     keep_heads: bool = False,
+    target_prior: Optional[str] = None,
 ) -> List[CellResult]:
     """Fit every cell on ``feature_set`` and score every split but train.
 
@@ -155,10 +183,15 @@ def fit_cells(
     returned list follows the order of ``cells``; with ``keep_heads`` each
     result holds its fitted head (``fitted_head``), e.g. to save it as a
     model. All cells are validated before any training starts.
+    ``target_prior``: score every split under this prior ("uniform",
+    "train" or a file of class weights; :mod:`decouple.stage_two.priors`)
+    instead of the one each method assumes.
     """
     train = train.validated().for_rows(len(feature_set.splits["train"]))
     plans = _plan_cells(feature_set, cells, train)
-    results = _Results(feature_set, train, len(plans), on_result, progress, keep_heads)
+    if target_prior is not None:  # a bad file fails before any training
+        target_log_prior(target_prior, feature_set.train_counts, feature_set.class_names)
+    results = _Results(feature_set, train, len(plans), on_result, progress, keep_heads, target_prior)
     train_split = feature_set.splits["train"]
     groups: Dict[Tuple, List[_Plan]] = {}
     try:
@@ -228,6 +261,7 @@ def _fit_group(data: PreparedData, members: List[_Plan], sampler_name: str, seed
         finish(plan, shared_seconds + time.perf_counter() - own_start)
 
 
-def fit_cell(feature_set, cell: Cell, *, train: TrainConfig = TrainConfig(), keep_head: bool = False) -> CellResult:
+def fit_cell(feature_set, cell: Cell, *, train: TrainConfig = TrainConfig(), keep_head: bool = False,
+             target_prior: Optional[str] = None) -> CellResult:
     """Fit and score one cell (:func:`fit_cells` with a single cell)."""
-    return fit_cells(feature_set, [cell], train=train, keep_heads=keep_head)[0]
+    return fit_cells(feature_set, [cell], train=train, keep_heads=keep_head, target_prior=target_prior)[0]

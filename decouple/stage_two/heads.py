@@ -7,7 +7,7 @@ attributes end in ``_``. ``X`` is (N, D) float features, ``y`` (N,) int labels.
 
 Two kinds of head:
 
-* **trainable** (``trainable = True``: linear, cosine, tau_norm, posthoc_la, lws) are
+* **trainable** (``trainable = True``: linear, cosine, tau_norm, posthoc_la, lws, disalign) are
   trained by gradient descent with a long-tailed loss and a re-sampler, by
   the fused trainer of :mod:`decouple.stage_two.trainer`. A trainable head
   declares what that trainer needs: its :class:`WeightFamily` (parameters,
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from decouple.errors import ConfigError
 from decouple.registry import Registry
 from decouple.stage_two.config import TrainConfig
-from decouple.stage_two.losses import LOSSES, STAGE_ONE, create_loss, family_settings
+from decouple.stage_two.losses import LOSSES, STAGE_ONE, GeneralizedReweightLoss, create_loss, family_settings
 from decouple.stage_two.losses import log_prior as class_log_prior
 from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS, create_sampler
-from decouple.stage_two.scorers import CosineScorer, KNNScorer, LinearScorer, NCMScorer, Scorer
+from decouple.stage_two.scorers import CosineScorer, DisAlignScorer, KNNScorer, LinearScorer, NCMScorer, Scorer
 from decouple.stage_two.trainer import (
     FEATURE_NORM,
     PreparedData,
@@ -95,6 +95,13 @@ class Head:
 
     #: Whether the head is trained with a loss and a sampler.
     trainable: bool = False
+    #: Whether the head re-balances the classes itself (tau-normalisation,
+    #: logit adjustment, class means), so that it assumes a uniform test
+    #: prior whatever its loss and sampler (:mod:`decouple.stage_two.priors`).
+    balances_prior: bool = False
+    #: Whether :meth:`decision_function` gives class probabilities (rows
+    #: summing to 1) rather than logits; a prior moves them by Bayes' rule.
+    scores_are_probabilities: bool = False
 
     def get_params(self) -> Dict[str, Any]:
         """Constructor parameters and their values (JSON-friendly)."""
@@ -146,14 +153,32 @@ def _plain(value: Any) -> Any:
 class LinearFamily(WeightFamily):
     """logits = x W^T + b on the standardised features; W (K * C, D) starts
     near zero (uniform logits), b at zero. The penalty weight_decay / 2 *
-    ||W||^2 applies to W only."""
+    ||W||^2 applies to W only: ``weight_decay``, else the training config's.
+
+    ``max_norm``: weight balancing's MaxNorm constraint (Alshammari et al.,
+    CVPR 2022): after every optimiser step each class's weight row w_c is
+    projected onto the ball ||w_c|| <= max_norm (projected gradient descent;
+    the bias is not constrained, as in the authors' code). The norm is that
+    of the standardised feature space, where a row's norm is FEATURE_NORM, so
+    max_norm caps a class's logit (bias aside) at FEATURE_NORM * max_norm.
+    """
+
+    def __init__(self, *, max_norm: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+        self.max_norm, self.weight_decay = max_norm, weight_decay
 
     def parameters(self, num_heads, num_classes, dim, *, generator, device, train):
         initial = torch.randn(num_classes, dim, generator=generator).mul_(0.01 / FEATURE_NORM)
         weight = initial.repeat(num_heads, 1).to(device).requires_grad_(True)
         bias = torch.zeros(num_heads * num_classes, device=device, requires_grad=True)
-        groups = [{"params": [weight], "weight_decay": train.weight_decay}, {"params": [bias], "weight_decay": 0.0}]
+        decay = train.weight_decay if self.weight_decay is None else float(self.weight_decay)
+        groups = [{"params": [weight], "weight_decay": decay}, {"params": [bias], "weight_decay": 0.0}]
         return {"weight": weight, "bias": bias}, groups
+
+    @torch.no_grad()
+    def project(self, params):
+        if self.max_norm is not None:
+            weight = params["weight"]
+            weight.mul_((self.max_norm / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp_max(1.0))
 
     def logits(self, x, params, dtype):
         if dtype != torch.float32:
@@ -238,6 +263,13 @@ class TrainableHead(Head):
     #: The family of its logits, which picks the losses' settings
     #: (losses.LOGIT_FAMILIES): "linear" (W x + b) or "cosine" (cos(x, w)).
     logit_family: str = "linear"
+    #: Weight balancing (Alshammari et al., CVPR 2022) of the linear family's
+    #: weights: a per-class norm cap and the weight decay, None for none and
+    #: for the training config's (:class:`LinearFamily`). The heads trained
+    #: on linear weights (linear, tau_norm, posthoc_la, lws, disalign) take both as
+    #: parameters, so that sweeps can grid over them (``vary:``).
+    max_norm: Optional[float] = None
+    weight_decay: Optional[float] = None
 
     # -- what the fused trainer needs to know ------------------------------
 
@@ -247,12 +279,12 @@ class TrainableHead(Head):
         :meth:`weight_family`, so the heads that inherit it (linear, tau_norm,
         lws) share one pass, and a head that builds its own family never
         joins another's."""
-        return (type(self).weight_family,)
+        return (type(self).weight_family, self.max_norm, self.weight_decay)
 
     def weight_family(self, losses: Sequence[Any]) -> WeightFamily:
         """The :class:`WeightFamily` that trains this head's weights, one
         head per loss module of ``losses``."""
-        return LinearFamily()
+        return LinearFamily(max_norm=self.max_norm, weight_decay=self.weight_decay)
 
     def training_loss_params(self, loss: str, given: Mapping[str, Any]) -> Dict[str, Any]:
         """Loss settings used to train the weights: ``given`` over the loss's
@@ -271,6 +303,16 @@ class TrainableHead(Head):
         train: TrainConfig,
     ) -> None:
         """Build the loss and sampler once so bad settings fail before training."""
+        name = self.registered_name()
+        for setting, low, strict in (("max_norm", 0.0, True), ("weight_decay", 0.0, False)):
+            value = getattr(self, setting)
+            ok = value is None or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+                and (value > low if strict else value >= low)
+            )
+            if not ok:
+                bound = "> 0" if strict else ">= 0"
+                raise ConfigError(f"head parameter {setting} of {name} must be a number {bound} (or null); got {value!r}")
         labels = np.repeat(np.arange(len(class_counts)), class_counts)
         create_loss(loss, class_counts=class_counts, **self.training_loss_params(loss, settings["loss"]))
         create_sampler(sampler, labels, total_epochs=train.epochs_for(len(labels)), **settings["sampler"])
@@ -386,12 +428,22 @@ class LinearHead(TrainableHead):
     The classifier-retraining baseline (cRT) of Kang et al., "Decoupling
     Representation and Classifier for Long-Tailed Recognition" (ICLR 2020),
     when trained class-balanced. Like every head of the linear family
-    (linear, tau_norm, posthoc_la, lws), it trains losses with their linear-family
+    (linear, tau_norm, posthoc_la, lws, disalign), it trains losses with their linear-family
     settings (``decouple list losses``; LDAM's scale s).
+
+    Weight balancing (Alshammari et al., "Long-Tailed Recognition via Weight
+    Balancing", CVPR 2022), for every head of the linear family:
+    ``max_norm`` caps each class's weight norm by projection after every
+    step (MaxNorm; in the standardised feature space, see
+    :class:`LinearFamily`) and ``weight_decay`` replaces the training
+    config's; both are None (off, and the config's) by default. Their stage
+    two is ``class_balanced`` loss with both; grid them in a sweep's
+    ``vary:`` and let val choose.
     """
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, max_norm: Optional[float] = None, weight_decay: Optional[float] = None) -> None:
+        self.max_norm = max_norm
+        self.weight_decay = weight_decay
 
     def finish(self, trained, data, *, seed, train) -> None:
         self._set_linear(trained.params["weight"].cpu().numpy(), trained.params["bias"].cpu().numpy())
@@ -461,11 +513,17 @@ class TauNormHead(TrainableHead):
     in the standardised feature space. The bias is dropped (the rule rescales
     weights only); features are centred on the training mean, so the result
     is a centred linear rule. ``taus``: the grid searched on val (0, 0.1,
-    ..., 2); without val, tau = 1.
+    ..., 2); without val, tau = 1. ``max_norm``, ``weight_decay``: weight
+    balancing of the trained weights (:class:`LinearHead`).
     """
 
-    def __init__(self, taus: Sequence[float] = DEFAULT_TAUS) -> None:
+    balances_prior = True
+
+    def __init__(self, taus: Sequence[float] = DEFAULT_TAUS, max_norm: Optional[float] = None,
+                 weight_decay: Optional[float] = None) -> None:
         self.taus = taus
+        self.max_norm = max_norm
+        self.weight_decay = weight_decay
 
     def finish(self, trained, data, *, seed, train) -> None:
         taus = _checked_taus(self.registered_name(), self.taus)
@@ -551,11 +609,18 @@ class LWSHead(TrainableHead):
     linear head itself is trained with the cell's loss and sampler; the
     scales are a second run of the fused trainer (:class:`ScaledLogitsFamily`)
     for ``epochs`` (default: the training epochs), their epoch chosen on val.
+    ``max_norm``, ``weight_decay``: weight balancing of the linear head's
+    weights (:class:`LinearHead`).
     """
 
-    def __init__(self, learn_bias: bool = True, epochs: Optional[int] = None) -> None:
+    balances_prior = True
+
+    def __init__(self, learn_bias: bool = True, epochs: Optional[int] = None, max_norm: Optional[float] = None,
+                 weight_decay: Optional[float] = None) -> None:
         self.learn_bias = learn_bias
         self.epochs = epochs
+        self.max_norm = max_norm
+        self.weight_decay = weight_decay
 
     def finish(self, trained, data, *, seed, train) -> None:
         epochs = int(self.epochs if self.epochs is not None else train.epochs)
@@ -578,6 +643,168 @@ class LWSHead(TrainableHead):
 
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "scale_epoch": self.scale_epoch_, "selected_on": self.selected_on_}
+
+
+# ---------------------------------------------------------------------------
+# DisAlign: input-dependent alignment of a frozen linear head.
+# ---------------------------------------------------------------------------
+
+
+class AlignmentFamily(WeightFamily):
+    """DisAlign's aligned logits on a frozen linear head W x + b:
+
+        z'_c = (1 + sigma(v.x + b_v) * alpha_c) * z_c + sigma(v.x + b_v) * beta_c,  z = W x + b
+
+    Its inputs are the standardised features x and the frozen logits z side
+    by side, (N, D + C), so that a step computes only the confidence v.x.
+    Per head k (parameters stacked in K blocks): alpha (C,) from 1 and beta
+    (C,) from 0, v (D,) from 0.1 everywhere and b_v from U(-1/sqrt(D),
+    1/sqrt(D)), the initialisation of the authors' ``DisAlignLinear`` (cvpods),
+    whose confidence layer is an ``nn.Linear(D, 1)`` with bias. The
+    penalty ``train.weight_decay`` applies to v only, as to the linear
+    family's W; alpha, beta and b_v are not penalised (as LWS's scales)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight, self.bias = weight, bias
+
+    @torch.no_grad()
+    def inputs(self, data, split):
+        x = data.x if split == "train" else data.x_val
+        return None if x is None else torch.cat([x, x @ self.weight.t() + self.bias], dim=1)  # (N, D + C)
+
+    def parameters(self, num_heads, num_classes, dim, *, generator, device, train):
+        features = dim - num_classes
+        bound = 1.0 / np.sqrt(features)
+        confidence_bias = (torch.rand(1, generator=generator) * 2.0 - 1.0) * bound
+        alpha = torch.ones(num_heads * num_classes, device=device, requires_grad=True)
+        beta = torch.zeros(num_heads * num_classes, device=device, requires_grad=True)
+        confidence_weight = torch.full((num_heads, features), 0.1, device=device, requires_grad=True)
+        confidence_bias = confidence_bias.repeat(num_heads).to(device).requires_grad_(True)
+        params = {"alpha": alpha, "beta": beta, "confidence_weight": confidence_weight,
+                  "confidence_bias": confidence_bias}
+        groups = [{"params": [confidence_weight], "weight_decay": train.weight_decay},
+                  {"params": [alpha, beta, confidence_bias], "weight_decay": 0.0}]
+        return params, groups
+
+    def logits(self, x, params, dtype):
+        num_heads = params["confidence_weight"].shape[0]
+        features = params["confidence_weight"].shape[1]
+        frozen = x[:, features:].float()  # (B, C)
+        confidence = torch.sigmoid(
+            F.linear(x[:, :features].float(), params["confidence_weight"], params["confidence_bias"])
+        )  # (B, K)
+        alpha = params["alpha"].view(num_heads, -1)
+        beta = params["beta"].view(num_heads, -1)
+        aligned = (1.0 + confidence[:, :, None] * alpha) * frozen[:, None, :] + confidence[:, :, None] * beta
+        return aligned.reshape(len(x), -1)  # (B, K * C)
+
+    def macs_per_step(self, rows, dim, num_heads, num_classes):
+        return rows * num_heads * (dim + 2 * num_classes)
+
+
+def _sigmoid(values: np.ndarray) -> np.ndarray:
+    # tanh form: no overflow in exp for large |values|.
+    return 0.5 * (1.0 + np.tanh(0.5 * values))
+
+
+#: GRW's exponent rho in the authors' ImageNet-LT configuration (``GRW_SCALE``).
+DISALIGN_RHO = 1.2
+
+
+@register_head("disalign")
+class DisAlignHead(TrainableHead):
+    """DisAlign: input-dependent magnitude and margin on a frozen linear head, trained with GRW.
+
+    Zhang et al., "Distribution Alignment: A Unified Framework for Long-tail
+    Visual Recognition" (CVPR 2021), Sec. 3.2-3.3: the logits z = W x + b of
+    the trained linear head are aligned as (1 + sigma(v.x + b_v) * alpha) * z
+    + sigma(v.x + b_v) * beta (alpha, beta per class; the confidence sigma
+    per image), with W and b frozen and alpha, beta, v, b_v learned by
+    generalized re-weighting (:class:`~decouple.stage_two.losses.GeneralizedReweightLoss`:
+    class weights ~ (1 / r_c)**``rho``, r_c the training fraction of class c;
+    ``rho`` 1.2, the authors' ImageNet-LT setting) under instance sampling,
+    as the authors train their second stage. The linear head itself is
+    trained with the cell's loss and sampler and shares linear's fused pass;
+    the alignment is a second run of the fused trainer
+    (:class:`AlignmentFamily`) for ``epochs`` (default: the training epochs),
+    its epoch chosen on val. ``max_norm``, ``weight_decay``: weight
+    balancing of the linear head's weights (:class:`LinearHead`). The head
+    is not linear in x (sigma), so it has no ``coef_``; it scores the
+    standardised features directly.
+    """
+
+    balances_prior = True  # its alignment is trained with generalized re-weighting
+
+    def __init__(self, rho: float = DISALIGN_RHO, epochs: Optional[int] = None, max_norm: Optional[float] = None,
+                 weight_decay: Optional[float] = None) -> None:
+        self.rho = rho
+        self.epochs = epochs
+        self.max_norm = max_norm
+        self.weight_decay = weight_decay
+
+    def _checked_rho(self) -> float:
+        rho = self.rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not np.isfinite(rho) or rho < 0:
+            raise ConfigError(f"head parameter rho of disalign must be a finite number >= 0; got {rho!r}")
+        return float(rho)
+
+    def _checked_epochs(self) -> Optional[int]:
+        epochs = self.epochs
+        if epochs is None:
+            return None
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise ConfigError(f"head parameter epochs of disalign must be an integer >= 1 (or null); got {epochs!r}")
+        return int(epochs)
+
+    def check_settings(self, loss, sampler, settings, *, class_counts, train) -> None:
+        self._checked_rho()
+        self._checked_epochs()
+        super().check_settings(loss, sampler, settings, class_counts=class_counts, train=train)
+
+    def finish(self, trained, data, *, seed, train) -> None:
+        rho, epochs = self._checked_rho(), self._checked_epochs()
+        epochs = int(train.epochs) if epochs is None else epochs
+        weight, bias = trained.params["weight"], trained.params["bias"]
+        family = AlignmentFamily(weight, bias)
+        sampler = create_sampler("instance", data.y.cpu().numpy(), total_epochs=epochs, seed=seed)
+        # The alignment trains in float32 whatever the precision: its products are small.
+        align_train = replace(train, epochs=epochs, precision="float32")
+        grw = GeneralizedReweightLoss(data.class_counts, power=rho)
+        aligned = train_heads(data, [grw], sampler=sampler, family=family, seed=seed, train=align_train)[0]
+        self.align_epoch_ = aligned.epoch
+        self.align_history_ = aligned.history
+        self.class_weights_ = grw.class_weights.cpu().numpy()
+        self.weight_ = weight.detach().cpu().numpy().astype(np.float32)  # (C, D), standardised space
+        self.bias_ = bias.detach().cpu().numpy().astype(np.float32)
+        self.alpha_ = aligned.params["alpha"].detach().cpu().numpy()
+        self.beta_ = aligned.params["beta"].detach().cpu().numpy()
+        self.confidence_weight_ = aligned.params["confidence_weight"][0].detach().cpu().numpy()  # (D,)
+        self.confidence_bias_ = float(aligned.params["confidence_bias"][0])
+        self.classes_ = np.arange(self.weight_.shape[0])
+
+    def _standardized(self, X: Any) -> np.ndarray:
+        return (_as_float32(X) - self.mean_) * self.scale_
+
+    def confidence(self, X: Any) -> np.ndarray:
+        """sigma(v.x + b_v) of each row (N,), x the standardised feature."""
+        return _sigmoid(self._standardized(X) @ self.confidence_weight_ + self.confidence_bias_)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        standardized = self._standardized(X)
+        logits = standardized @ self.weight_.T + self.bias_
+        confidence = _sigmoid(standardized @ self.confidence_weight_ + self.confidence_bias_)[:, None]
+        return ((1.0 + confidence * self.alpha_) * logits + confidence * self.beta_).astype(np.float32)
+
+    def scorer(self) -> Scorer:
+        return DisAlignScorer(
+            *(torch.from_numpy(np.asarray(value, dtype=np.float32)) for value in (
+                self.mean_, self.scale_, self.weight_, self.bias_, self.confidence_weight_,
+                [self.confidence_bias_], self.alpha_, self.beta_,
+            ))
+        )
+
+    def selection_(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch_, "align_epoch": self.align_epoch_, "selected_on": self.selected_on_}
 
 
 # ---------------------------------------------------------------------------
@@ -639,6 +866,8 @@ class NCMHead(SearchHead):
     Euclidean distance to the (unnormalised) means.
     """
 
+    balances_prior = True
+
     def __init__(self, metric: str = "cosine") -> None:
         self.metric = metric
 
@@ -683,6 +912,8 @@ class KNNHead(SearchHead):
     weight is exp(-||x - x_j||^2 / (2 temperature)), the same ranking.
     Scores are normalised to sum to 1 per row.
     """
+
+    scores_are_probabilities = True
 
     def __init__(self, k: int = 10, metric: str = "cosine", temperature: float = 0.07) -> None:
         self.k = k

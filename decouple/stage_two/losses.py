@@ -193,9 +193,15 @@ class LongTailLoss(nn.Module):
     ``applies_own_scale``: True when the loss multiplies the logits by a
     scale of its own (LDAM's s, meant for raw cosines). A cosine head then
     hands it unscaled cosines instead of applying its own temperature.
+
+    ``balances_prior``: True when the loss re-balances the classes, so that
+    the head it trains assumes a uniform test prior whatever the sampler
+    (:mod:`decouple.stage_two.priors`); False when the head learns the
+    prior its sampler shows it (cross-entropy, focal, label smoothing).
     """
 
     applies_own_scale: bool = False
+    balances_prior: bool = False
     #: Settings that differ by head family from the constructor's defaults,
     #: {family: {name: value}}; :func:`family_settings` applies them, and a
     #: value the user sets wins.
@@ -330,6 +336,8 @@ class WeightedCrossEntropyLoss(LongTailLoss):
     sum_i w_{y_i}) would undo it within every batch of a single class.
     """
 
+    balances_prior = True
+
     def __init__(self, class_counts: CountsLike, power: float = 1.0) -> None:
         super().__init__(class_counts)
         self.power = _check_at_least("power", power, 0.0)
@@ -346,6 +354,30 @@ class WeightedCrossEntropyLoss(LongTailLoss):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, power={self.power:g}"
+
+
+class GeneralizedReweightLoss(WeightedCrossEntropyLoss):
+    """DisAlign's generalized re-weighting (GRW): cross-entropy with class
+    weights w_c = (1 / r_c)**rho / sum_k (1 / r_k)**rho * C, r_c = n_c / N.
+
+    Zhang et al., "Distribution Alignment: A Unified Framework for Long-tail
+    Visual Recognition" (CVPR 2021), Sec. 3.3; the authors' code
+    (cvpods ``GRWCrossEntropyLoss``). Those weights are
+    :func:`inverse_frequency_weights` with ``power`` = rho (mean 1 is sum
+    C, and (N / n_c)**rho is proportional to n_c**-rho). The reduction is
+    the authors' (torch's weighted mean), not ``weighted_ce``'s batch mean:
+
+    loss = sum_i w_{y_i} * (-log softmax(z_i)[y_i]) / sum_i w_{y_i}
+
+    The two differ by the factor B / sum_i w_{y_i}, which changes from batch
+    to batch, so weighted_ce is not GRW. Not registered: it is the loss of the
+    ``disalign`` head's alignment stage (:class:`decouple.stage_two.heads.DisAlignHead`).
+    """
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check_inputs(logits, target)
+        logits = logits.to(_compute_dtype(logits))
+        return F.cross_entropy(logits, target, weight=self.class_weights.to(logits.dtype))
 
 
 @register_loss("focal")
@@ -418,6 +450,8 @@ class ClassBalancedLoss(LongTailLoss):
     equal weights, so the softmax base is then plain cross-entropy.
     """
 
+    balances_prior = True
+
     BASES = ("softmax", "focal")
 
     def __init__(
@@ -464,6 +498,8 @@ class BalancedSoftmaxLoss(LongTailLoss):
     (NeurIPS 2020): loss = mean_i -log( n_{y_i} exp(z_{y_i}) / sum_k n_k exp(z_k) )
     = CE(z_i + log n, y_i). Equal counts give plain cross-entropy.
     """
+
+    balances_prior = True
 
     def __init__(self, class_counts: CountsLike) -> None:
         super().__init__(class_counts)
@@ -518,6 +554,8 @@ class LDAMLoss(LongTailLoss):
     ends 4 to 10 points of few-shot accuracy below its value after four
     times the steps; with DRW at half the run it reaches that value.
     """
+
+    balances_prior = True
 
     applies_own_scale = True
     family_defaults = {"linear": {"s": 1.0}}
@@ -605,6 +643,8 @@ class EqualizationLoss(LongTailLoss):
     a data-set-free choice. gamma = 0 (or no tail class) is cross-entropy.
     """
 
+    balances_prior = True
+
     def __init__(
         self,
         class_counts: CountsLike,
@@ -664,6 +704,8 @@ class LogitAdjustedLoss(LongTailLoss):
     ``tau`` = 1. tau = 0 or equal counts give plain cross-entropy; tau = 1
     equals balanced softmax.
     """
+
+    balances_prior = True
 
     def __init__(self, class_counts: CountsLike, tau: float = 1.0) -> None:
         super().__init__(class_counts)

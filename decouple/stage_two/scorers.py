@@ -77,6 +77,29 @@ class CosineScorer(Scorer):
         return self.logit_scale * F.linear(standardized, self.weight)
 
 
+@register_scorer("disalign")
+class DisAlignScorer(Scorer):
+    """DisAlign's aligned logits on the standardised embedding x = (e - mean) * scale:
+    (1 + sigma(v.x + b_v) * alpha) * (W x + b) + sigma(v.x + b_v) * beta,
+    as :class:`~decouple.stage_two.heads.DisAlignHead`."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 confidence_weight: torch.Tensor, confidence_bias: torch.Tensor, alpha: torch.Tensor,
+                 beta: torch.Tensor) -> None:
+        super().__init__()
+        tensors = {"mean": mean, "scale": scale, "weight": weight, "bias": bias,
+                   "confidence_weight": confidence_weight, "confidence_bias": confidence_bias,
+                   "alpha": alpha, "beta": beta}
+        for name, value in tensors.items():
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        standardized = (x.float() - self.mean) * self.scale
+        logits = F.linear(standardized, self.weight, self.bias)
+        confidence = torch.sigmoid(F.linear(standardized, self.confidence_weight[None, :], self.confidence_bias))
+        return (1.0 + confidence * self.alpha) * logits + confidence * self.beta
+
+
 @register_scorer("ncm")
 class NCMScorer(Scorer):
     """Nearest class mean of the L2-normalised embedding: cosine to the

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -164,6 +164,10 @@ class WeightFamily:
     def head_params(self, params: Mapping[str, torch.Tensor], k: int, num_heads: int) -> Dict[str, Any]:
         """Head k's trained parameters, from the kept ``params``: block k of each."""
         return {name: head_block(value, k, num_heads).clone() for name, value in params.items()}
+
+    def project(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Project the parameters back onto their constraint set after every
+        optimiser step, in place (projected gradient descent); none by default."""
 
     def macs_per_step(self, rows: int, dim: int, num_heads: int, num_classes: int) -> float:
         """Multiply-adds of one step's logits (decides the CPU thread count)."""
@@ -355,6 +359,17 @@ def _epochs_of(sampler: Any, train: TrainConfig, num_rows: int) -> int:
     return epochs
 
 
+def with_synthetic_rows(data: PreparedData, sampler: Any) -> PreparedData:
+    """``data`` with the training rows a feature-synthesising sampler adds
+    (``sampler.augment``, e.g. calibrated_features): train x and y extended
+    by its M rows (N + M, D), labelled by the tail of ``sampler.labels``;
+    val, the standardisation and ``class_counts`` (the real counts, which
+    the losses and post-fit steps use) unchanged."""
+    synthetic = sampler.augment(data.x)
+    labels = torch.as_tensor(np.asarray(sampler.labels[len(data.y) :]), dtype=torch.int64, device=data.device)
+    return replace(data, x=torch.cat([data.x, synthetic]), y=torch.cat([data.y, labels]), _normalized={})
+
+
 def train_heads(
     data: PreparedData,
     losses: Sequence[Any],
@@ -370,7 +385,10 @@ def train_heads(
     training labels built for ``train.epochs_for(N)`` epochs; ``family``:
     the :class:`WeightFamily` of the K heads. Every head starts from the
     same parameters drawn from ``seed``. Returns K :class:`TrainedWeights`,
-    each at its chosen epoch.
+    each at its chosen epoch. A sampler that synthesises features
+    (``synthesizes_features``) first adds its rows to the training split
+    (:func:`with_synthetic_rows`), which every family's inputs then include;
+    the epochs are those of the N real rows.
 
     ``train.precision`` "bfloat16" is mixed precision: the inputs are cast to
     bfloat16 once and the family computes the large product in bfloat16 (its
@@ -385,6 +403,8 @@ def train_heads(
     if num_heads == 0:
         return []
     epochs = _epochs_of(sampler, train, len(data.y))
+    if getattr(sampler, "synthesizes_features", False):
+        data = with_synthetic_rows(data, sampler)
     dtype = torch.bfloat16 if train.resolved_precision() == "bfloat16" else torch.float32
     # Cast once, not per batch; .to() is a no-op in float32.
     inputs = [family.inputs(data, split) for split in ("train", "val")]
@@ -454,5 +474,6 @@ def _train_epoch(family, params, optimizer, losses, sampler, x_train, y_train, *
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        family.project(params)
         step += 1
     return step

@@ -17,11 +17,17 @@ error naming its place in the file)::
       seed: [0, 1, 2]               # default [0]
     params:                         # per-method settings, keyed by method name
       focal: {gamma: 2.0}
+    vary:                           # settings to grid over, keyed by method name: every
+      linear:                       # cell of that method runs once per combination
+        max_norm: [null, 0.5, 1.0]
+        weight_decay: [5.0e-4, 5.0e-3]
     train: {epochs: 30, lr: 0.1}    # TrainConfig fields, e.g. groups: thirds (shot groups)
     db: results.db                  # default results.db
 
 A head that takes no loss or sampler (ncm, knn) runs once per feature file
-and seed.
+and seed. The cells of one method that ``vary:`` tells apart are labelled by
+their settings in tables (``linear (max_norm=0.5)``), so that ``recommend``
+and ``save-model --select val`` choose among them on val.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS
 from decouple.study.grid import cell_params, head_takes_loss, loss_sampler_pairs
 from decouple.study.yaml_lines import ConfigPlaces, KeyPath, parse_yaml
 
-CONFIG_KEYS = ("features", "grid", "params", "train", "db")
+CONFIG_KEYS = ("features", "grid", "params", "vary", "train", "db")
 GRID_KEYS = ("head", "loss", "sampler", "seed")
 FEATURE_KEYS = ("path", "name", "backbone", "tags")
 DEFAULT_DB = "results.db"
@@ -81,6 +87,8 @@ class SweepConfig:
     params: Mapping[str, Mapping[str, Any]]
     train: Mapping[str, Any]
     db: str = DEFAULT_DB
+    #: ``vary:``: method -> setting -> the values to grid over (each a tuple).
+    vary: Mapping[str, Mapping[str, Tuple[Any, ...]]] = field(default_factory=dict)
     source: Optional[str] = None
     # Line of each key path in the config file, for later errors (missing files).
     lines: Mapping[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
@@ -97,6 +105,9 @@ class SweepConfig:
             },
             "params": {name: dict(values) for name, values in self.params.items()},
             "train": dict(self.train),
+            # Only when given, so that a config without it keeps its hash.
+            **({"vary": {name: {key: list(values) for key, values in settings.items()}
+                         for name, settings in self.vary.items()}} if self.vary else {}),
         }
 
     @property
@@ -116,15 +127,29 @@ class SweepConfig:
             for seed in self.seeds:
                 for head in self.heads:
                     for loss, sampler in loss_sampler_pairs(head, self.losses, self.samplers):
-                        cell = Cell(
-                            head=head,
-                            loss=loss,
-                            sampler=sampler,
-                            seed=seed,
-                            params=cell_params(self.params, head, loss, sampler),
-                        )
-                        planned.append((spec, validate_cell(cell)))
+                        for params in self.variants(head, loss, sampler):
+                            cell = Cell(head=head, loss=loss, sampler=sampler, seed=seed, params=params)
+                            planned.append((spec, validate_cell(cell)))
         return planned
+
+    def variants(self, head: str, loss: Optional[str], sampler: Optional[str]) -> List[Dict[str, Dict[str, Any]]]:
+        """The settings of each cell of one (head, loss, sampler): ``params:``
+        overlaid with every combination of the ``vary:`` values that reach
+        it (:func:`~decouple.study.grid.cell_params`), each once, in the
+        order of ``vary:``; a single entry when none does."""
+        axes = [(name, key, values) for name, settings in self.vary.items() for key, values in settings.items()]
+        combinations = [{}]
+        for name, key, values in axes:
+            combinations = [{**chosen, (name, key): value} for chosen in combinations for value in values]
+        variants: List[Dict[str, Dict[str, Any]]] = []
+        for chosen in combinations:
+            merged = {name: dict(settings) for name, settings in self.params.items()}
+            for (name, key), value in chosen.items():
+                merged.setdefault(name, {})[key] = value
+            params = cell_params(merged, head, loss, sampler)
+            if params not in variants:
+                variants.append(params)
+        return variants
 
 
 def sha256_json(value: Any) -> str:
@@ -162,6 +187,7 @@ def parse_config(data: Any, *, source: Optional[str] = None, _places: Optional[C
     features = _parse_features(places, data["features"])
     heads, losses, samplers, seeds = _parse_grid(places, data["grid"])
     params = _parse_params(places, data.get("params") or {})
+    vary = _parse_vary(places, data.get("vary") or {}, params, heads + losses + samplers)
     train = _parse_train(places, data.get("train") or {})
     db = data.get("db", DEFAULT_DB)
     if not isinstance(db, str) or not db.strip():
@@ -175,6 +201,7 @@ def parse_config(data: Any, *, source: Optional[str] = None, _places: Optional[C
         params=params,
         train=train,
         db=db,
+        vary=vary,
         source=source,
         lines=dict(places.lines),
     )
@@ -328,13 +355,52 @@ def _parse_params(places: ConfigPlaces, params: Any) -> Dict[str, Dict[str, Any]
             raise places.error(where, f"must be a mapping of settings, e.g. {{gamma: 2.0}}; got {settings!r}")
         accepted = method_parameters(method)
         for key in settings:
-            if key not in accepted:
-                hint = did_you_mean(key, accepted)
-                raise places.error(
-                    where + (key,),
-                    f"{method} takes no setting {key!r}{hint}; it takes: {', '.join(accepted) or 'none'}",
-                )
+            _check_setting(places, where, method, key, accepted)
         parsed[method] = dict(settings)
+    return parsed
+
+
+def _check_setting(places: ConfigPlaces, where: KeyPath, method: str, key: Any, accepted: Mapping[str, Any]) -> None:
+    """A setting ``key`` of ``method`` must be one it takes (``accepted``)."""
+    if key not in accepted:
+        hint = did_you_mean(key, accepted)
+        raise places.error(
+            where + (key,), f"{method} takes no setting {key!r}{hint}; it takes: {', '.join(accepted) or 'none'}"
+        )
+
+
+def _parse_vary(
+    places: ConfigPlaces, vary: Any, params: Mapping[str, Mapping[str, Any]], in_grid: Sequence[str]
+) -> Dict[str, Dict[str, Tuple[Any, ...]]]:
+    """``vary:`` -> method -> setting -> its values: each method in the grid,
+    each setting one it takes and not also fixed in ``params:``, each list of
+    values non-empty and without repeats."""
+    if not isinstance(vary, Mapping):
+        raise places.error(("vary",), f"must map method names to settings and their values; got {vary!r}")
+    parsed: Dict[str, Dict[str, Tuple[Any, ...]]] = {}
+    for method, settings in vary.items():
+        where = ("vary", method)
+        if method not in in_grid:
+            hint = did_you_mean(method, in_grid)
+            raise places.error(
+                where, f"{method!r} is not in the grid{hint}; vary a head, loss or sampler of grid: "
+                f"{', '.join(dict.fromkeys(in_grid))}"
+            )
+        if not isinstance(settings, Mapping) or not settings:
+            raise places.error(where, f"must map settings to lists of values, e.g. {{max_norm: [0.5, 1.0]}}; "
+                                      f"got {settings!r}")
+        accepted = method_parameters(method)
+        parsed[method] = {}
+        for key, values in settings.items():
+            _check_setting(places, where, method, key, accepted)
+            if key in params.get(method, {}):
+                raise places.error(where + (key,), f"{method}.{key} is also set in params:; give it in one place")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise places.error(where + (key,), f"must be a non-empty list of values to try; got {values!r}")
+            texts = [json.dumps(value, sort_keys=True, default=str) for value in values]
+            if len(set(texts)) < len(texts):
+                raise places.error(where + (key,), f"lists a value twice: {values!r}")
+            parsed[method][key] = tuple(values)
     return parsed
 
 
@@ -345,6 +411,10 @@ def _parse_train(places: ConfigPlaces, train: Any) -> Dict[str, Any]:
     _check_keys(places, ("train",), train, [item.name for item in dataclasses.fields(TrainConfig)],
                 what="train setting")
     for key, value in train.items():
+        if typing.get_origin(hints[key]) is tuple:  # a list in the file (views); validated() checks its items
+            if not isinstance(value, (list, tuple, str)):
+                raise places.error(("train", key), f"must be a list; got {value!r}")
+            continue
         kinds = typing.get_args(hints[key]) or (hints[key],)  # Optional[int] -> (int, NoneType)
         kind = next(kind for kind in kinds if kind is not type(None))
         if value is None:
@@ -364,7 +434,7 @@ def _parse_train(places: ConfigPlaces, train: Any) -> Dict[str, Any]:
         TrainConfig(**dict(train)).validated()
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        key = next((key for key in train if f" {key} " in f" {message} "), None)
+        key = next((key for key in train if f" {key} " in f" {message} " or f" {key}:" in message), None)
         raise places.error(("train", key) if key else ("train",), message) from None
     return dict(train)
 
@@ -396,16 +466,16 @@ def check_cells(
             if (head, loss, sampler) in checked:
                 continue
             checked.add((head, loss, sampler))
-            params = cell_params(config.params, head, loss, sampler)
-            try:
-                _check_cell(Cell(head=head, loss=loss, sampler=sampler, seed=0, params=params), counts, train)
-            except DecoupleError as exc:
-                if isinstance(exc, ClassCountError) and class_counts is None:
-                    continue  # judged against each feature file's classes by plan_sweep
-                raise places.error(
-                    _setting_place(str(exc), params, loss, sampler, head),
-                    f"{on_file}cell {_cell_label(head, loss, sampler)}: {exc}",
-                ) from None
+            for params in config.variants(head, loss, sampler):
+                try:
+                    _check_cell(Cell(head=head, loss=loss, sampler=sampler, seed=0, params=params), counts, train)
+                except DecoupleError as exc:
+                    if isinstance(exc, ClassCountError) and class_counts is None:
+                        continue  # judged against each feature file's classes by plan_sweep
+                    raise places.error(
+                        _setting_place(str(exc), params, config.vary, loss, sampler, head),
+                        f"{on_file}cell {_cell_label(head, loss, sampler)}: {exc}",
+                    ) from None
 
 
 def _check_cell(cell: Cell, class_counts: np.ndarray, train: TrainConfig) -> None:
@@ -421,12 +491,16 @@ def _cell_label(head: str, loss: Optional[str], sampler: Optional[str]) -> str:
     return "/".join(name for name in (head, loss, sampler) if name)
 
 
-def _setting_place(message: str, params: Mapping[str, Mapping[str, Any]], *methods: Optional[str]) -> KeyPath:
-    """The key path of the setting an error message names: params.<method>.<key>
-    for the first of ``methods`` whose settings it names, else params.<method>
-    of the last with settings, else grid."""
+def _setting_place(message: str, params: Mapping[str, Mapping[str, Any]], vary: Mapping[str, Mapping[str, Any]],
+                   *methods: Optional[str]) -> KeyPath:
+    """The key path of the setting an error message names: vary.<method>.<key>
+    or params.<method>.<key> for the first of ``methods`` whose settings it
+    names, else params.<method> of the last with settings, else grid."""
     where: KeyPath = ("grid",)
     for method in methods:
+        hit = next((key for key in vary.get(method, {}) if str(key) in message), None)
+        if hit is not None:
+            return ("vary", method, hit)
         if method in params:
             where = ("params", method)
             hit = next((key for key in params[method] if str(key) in message), None)

@@ -35,7 +35,7 @@ from decouple.metrics import DEFAULT_SHOT_RULE, GROUPS, describe_shot_groups
 from decouple.study.bootstrap import (
     BOOTSTRAP_METRICS, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, Intervals,
 )
-from decouple.study.grid import train_identity
+from decouple.study.grid import head_defaults, train_identity
 from decouple.study.store import METRIC_COLUMNS, CellRecord, ShotRule
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
@@ -228,9 +228,12 @@ def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
     # Named in full, so that rows told apart by it read groups=thresholds / groups=thirds
     # (records stored before the setting existed used thresholds).
     train["groups"] = record.train.get("groups", DEFAULT_SHOT_RULE)
+    # A head setting added after a record was stored reads as its default
+    # there, which computes what that record did (weight balancing's max_norm).
+    head = {**head_defaults(record.head), **dict(record.params.get("head") or {})}
     return {
         "features": {"sha256": record.features_sha256},
-        "head": {**dict(record.params.get("head") or {}), **train},
+        "head": {**head, **train},
         "loss": dict(record.params.get("loss") or {}),
         "sampler": dict(record.params.get("sampler") or {}),
     }

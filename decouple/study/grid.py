@@ -11,20 +11,28 @@ from decouple.stage_two.losses import LOSSES
 from decouple.stage_two.samplers import SAMPLERS
 
 # TrainConfig fields that change what a head that does not train (ncm, knn) computes.
-_EVAL_TRAIN_FIELDS = ("many_threshold", "few_threshold", "groups")
+_EVAL_TRAIN_FIELDS = ("many_threshold", "few_threshold", "groups", "views")
 # TrainConfig fields that never change the numbers, left out of cell keys.
 _KEYLESS_TRAIN_FIELDS = ("device",)
 # TrainConfig fields added after results were first stored, with the value
 # that computes what those results did: left out of a cell's identity at that
 # value (and when absent, as in older records), so that adding the field
 # changed no existing cell key or table label.
-_ADDED_TRAIN_DEFAULTS = {"groups": "thresholds"}
+_ADDED_TRAIN_DEFAULTS = {"groups": "thresholds", "views": []}
 
 
 def head_takes_loss(head: str) -> bool:
     """Whether head ``head`` is trained with a loss and sampler (its class's
     ``trainable``; ncm and knn are not)."""
     return bool(HEADS.get(head).trainable)
+
+
+def head_defaults(head: str) -> Dict[str, Any]:
+    """The parameters of head ``head`` at their defaults, JSON-like (tuples
+    as lists); empty for a head this version does not know."""
+    if head not in HEADS:
+        return {}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in HEADS.parameters(head).items()}
 
 
 def loss_sampler_pairs(
@@ -75,6 +83,7 @@ def train_identity(head: str, train: Mapping[str, Any]) -> Dict[str, Any]:
     else:
         fields = {k: v for k, v in train.items() if k in _EVAL_TRAIN_FIELDS}
     for name, default in _ADDED_TRAIN_DEFAULTS.items():
-        if fields.get(name, default) == default:
+        value = fields.get(name, default)
+        if (list(value) if isinstance(value, tuple) else value) == default:
             fields.pop(name, None)
     return fields

@@ -10,6 +10,7 @@ rerun skips exactly the finished cells.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -34,8 +35,10 @@ class PlannedCell:
     key: str
 
     @property
-    def identity(self) -> Tuple[str, str, Optional[str], Optional[str], int]:
-        return (self.spec.path, self.cell.head, self.cell.loss, self.cell.sampler, self.cell.seed)
+    def identity(self) -> Tuple[str, str, Optional[str], Optional[str], int, str]:
+        """(feature file, head, loss, sampler, seed, settings as given): one
+        cell of a sweep (``vary:`` gives one method several settings)."""
+        return (self.spec.path, *cell_identity(self.cell))
 
     @property
     def label(self) -> str:
@@ -55,6 +58,13 @@ class SweepPlan:
     finished: List[PlannedCell]
     pending: List[PlannedCell]
     feature_sha256: Dict[str, str]
+
+
+def cell_identity(cell: Cell) -> Tuple[str, Optional[str], Optional[str], int, str]:
+    """(head, loss, sampler, seed, settings as canonical JSON) of a validated cell."""
+    params = json.dumps({name: dict(values) for name, values in dict(cell.params).items()}, sort_keys=True,
+                        default=str)
+    return (cell.head, cell.loss, cell.sampler, int(cell.seed), params)
 
 
 def cell_key(cell: Cell, spec: FeatureSpec, features_sha256: str, train: TrainConfig) -> str:

@@ -17,7 +17,7 @@ from decouple.features import read_features
 from decouple.provenance import jsonable, package_versions, utc_now
 from decouple.stage_two.fit import fit_cells
 from decouple.study.config import FeatureSpec, SweepConfig, load_config
-from decouple.study.plan import PlannedCell, SweepPlan, plan_sweep
+from decouple.study.plan import PlannedCell, SweepPlan, cell_identity, plan_sweep
 from decouple.study.store import CellRecord, ResultStore
 
 
@@ -136,7 +136,7 @@ class _CellWriter:
         by_identity = {planned.identity[1:]: planned for planned in pending}
 
         def store_result(result: Any) -> None:
-            planned = by_identity.pop((result.head, result.loss, result.sampler, int(result.seed)))
+            planned = by_identity.pop(cell_identity(result.cell))
             record = self._record(result, planned, facts, wall_seconds=time.perf_counter() - pass_start)
             if self.store.insert(record):
                 self.ran += 1
