@@ -11,6 +11,7 @@ from cli.options import (
     append_json_line,
     check_output_path,
     describe_result,
+    method_settings,
     features_option,
     shot_threshold_options,
 )
@@ -54,6 +55,10 @@ PRECISIONS = ("float32", "bfloat16", "auto")
                    "JSON / CSV file of class weights (class name,weight); the head's scores move from the "
                    "prior its method assumes (params.prior) [that prior]. A saved model keeps the assumed "
                    "prior: give `decouple predict --target-prior`.")
+@click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="A setting of the head, loss or sampler, as in a sweep config's params: (repeatable), "
+                   "e.g. linear.max_norm=1.0, focal.gamma=1.5, calibrated_features.tail_below=0.1 "
+                   "(`decouple list` names them); VALUE is read as YAML.")
 @click.option("--view", "views", multiple=True, metavar="SPLIT@PRIOR",
               help="Also score SPLIT under a named prior, as split SPLIT@PRIOR, e.g. test_lt@train "
                    "(repeatable).")
@@ -78,12 +83,13 @@ def head(
     save_model: Optional[str],
     backbone_weights: Optional[str],
     target_prior: Optional[str],
+    params: Tuple[str, ...],
     views: Tuple[str, ...],
 ) -> None:
     """Fit one head (with a loss and sampler) on --features; choose on val, score val and test."""
     from decouple.deploy.save import fit_head_file
     from decouple.metrics import describe_shot_groups
-    from decouple.stage_two.cells import Cell
+    from decouple.stage_two.cells import Cell, validate_cell
     from decouple.stage_two.config import TrainConfig
 
     overrides = dict(epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
@@ -96,8 +102,11 @@ def head(
         **{key: value for key, value in overrides.items() if value is not None},
     )
     check_output_path(output)
+    cell = validate_cell(Cell(head=head_name, loss=loss, sampler=sampler, seed=seed))
+    cell = Cell(head=cell.head, loss=cell.loss, sampler=cell.sampler, seed=cell.seed,
+                params=method_settings(params, [cell.head, cell.loss, cell.sampler]))
     result, saved = fit_head_file(
-        features_path, Cell(head=head_name, loss=loss, sampler=sampler, seed=seed), train=train,
+        features_path, cell, train=train,
         save_to=save_model, backbone_weights=backbone_weights, target_prior=target_prior,
     )
     if saved is not None:

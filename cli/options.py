@@ -94,6 +94,42 @@ def describe_result(result: Mapping[str, Any], *, shot_groups: Optional[str] = N
     return text + (f"\nshot groups: {shot_groups}" if shot_groups else "")
 
 
+def method_settings(given: Iterable[str], methods: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+    """``--param METHOD.KEY=VALUE`` options -> {method: {key: value}}, as a
+    sweep config's ``params:``; VALUE is a number where it reads as one
+    (5e-3), else YAML (null, true, [0.5, 1]).
+    METHOD must be one of ``methods`` (the cell's head, loss and sampler)."""
+    import yaml
+
+    methods = [method for method in methods if method]
+    settings: Dict[str, Dict[str, Any]] = {}
+    for text in given:
+        name, equals, value = text.partition("=")
+        method, dot, key = name.partition(".")
+        if not equals or not dot or not method or not key:
+            raise click.BadParameter(f"{text!r}: expected METHOD.KEY=VALUE, e.g. linear.max_norm=1.0",
+                                     param_hint="--param")
+        if method not in methods:
+            raise click.BadParameter(f"{text!r}: {method!r} is not this cell's head, loss or sampler "
+                                     f"({', '.join(methods)})", param_hint="--param")
+        number = _number(value)
+        try:
+            settings.setdefault(method, {})[key] = number if number is not None else yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise click.BadParameter(f"{text!r}: the value is not valid YAML", param_hint="--param") from None
+    return settings
+
+
+def _number(text: str) -> Optional[float]:
+    """``text`` as an int or float where it is one (5e-3 too, which YAML 1.1 reads as a string), else None."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return None
+
+
 def check_output_path(path: Optional[str]) -> None:
     """Fail before any work if ``--output`` cannot be appended to."""
     if path is None:

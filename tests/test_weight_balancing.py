@@ -4,12 +4,15 @@ grid over both (``vary:``) and choose among them on val."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cli.main import cli
 from decouple.errors import ConfigError
 from decouple.features import write_features
 from decouple.stage_two.cells import Cell
@@ -18,6 +21,7 @@ from decouple.stage_two.fit import fit_cells
 from decouple.stage_two.heads import LinearFamily, create_head
 from decouple.study.config import parse_config
 from decouple.study.export import labelled_methods
+from decouple.study.plan import plan_sweep
 from decouple.study.ranking import rank_methods
 from decouple.study.runner import run_sweep
 from decouple.study.store import ResultStore
@@ -169,3 +173,37 @@ def test_a_swept_max_norm_is_labelled_and_chosen_on_val(tmp_path):
     val_means = {method.label["head"]: np.mean([r.metrics["val"]["mean_class_acc"] for r in method.records])
                  for method in ranked}
     assert ranked[0].label["head"] == max(val_means, key=val_means.get)
+
+
+def test_the_dry_run_labels_each_varied_cell_with_its_settings(tmp_path):
+    feature_set, _ = gaussian_long_tailed(num_classes=6, dim=4, n_max=50, imbalance_factor=10, n_val=4,
+                                          n_test=4, seed=1)
+    write_features(tmp_path / "toy.h5", feature_set)
+    config = _config(f"""
+    features: [{tmp_path / 'toy.h5'}]
+    grid: {{head: [linear, ncm], loss: [ce]}}
+    vary: {{linear: {{max_norm: [0.5, null]}}}}
+    db: {tmp_path / 'results.db'}
+    """)
+    labels = [planned.label for planned in plan_sweep(config).pending]
+    assert labels == ["toy / linear / ce / instance / seed 0 (max_norm=0.5)",
+                      "toy / linear / ce / instance / seed 0 (max_norm=null)", "toy / ncm / seed 0"]
+
+
+def test_decouple_head_takes_method_settings(tmp_path, gaussian_feature_set):
+    """``--param METHOD.KEY=VALUE`` sets what a sweep's params: would: weight
+    balancing on the command line, recorded in the result; a method that is
+    not the cell's, a malformed option and an unknown key are refused."""
+    path = tmp_path / "g.h5"
+    write_features(path, gaussian_feature_set)
+    run = CliRunner().invoke(cli, ["head", "--features", str(path), "--loss", "class_balanced", "--epochs", "3",
+                                   "--param", "linear.max_norm=1.0", "--param", "linear.weight_decay=5e-3",
+                                   "--param", "class_balanced.beta=0.99", "--json"])
+    assert run.exit_code == 0, run.output
+    params = json.loads(run.output)["params"]
+    assert params["head"] == {"max_norm": 1.0, "weight_decay": 5e-3} and params["loss"]["beta"] == 0.99
+    for bad, message in [(["--param", "focal.gamma=1"], "not this cell's head, loss or sampler"),
+                         (["--param", "linear.max_norm"], "METHOD.KEY=VALUE"),
+                         (["--param", "linear.max_nrom=1"], "max_nrom")]:
+        result = CliRunner().invoke(cli, ["head", "--features", str(path), "--epochs", "1", *bad])
+        assert result.exit_code != 0 and message in result.output, result.output

@@ -33,6 +33,8 @@ class PlannedCell:
     spec: FeatureSpec
     cell: Cell  # validated
     key: str
+    #: The settings ``vary:`` gave this cell ("max_norm=0.5, weight_decay=0.005"), "" for none.
+    varied: str = ""
 
     @property
     def identity(self) -> Tuple[str, str, Optional[str], Optional[str], int, str]:
@@ -43,7 +45,8 @@ class PlannedCell:
     @property
     def label(self) -> str:
         parts = [self.spec.name, self.cell.head, self.cell.loss, self.cell.sampler, f"seed {self.cell.seed}"]
-        return " / ".join(part for part in parts if part)
+        text = " / ".join(part for part in parts if part)
+        return f"{text} ({self.varied})" if self.varied else text
 
 
 @dataclass
@@ -58,6 +61,15 @@ class SweepPlan:
     finished: List[PlannedCell]
     pending: List[PlannedCell]
     feature_sha256: Dict[str, str]
+
+
+def varied_text(config: SweepConfig, cell: Cell) -> str:
+    """The settings of ``vary:`` that reach ``cell``, as "key=value, ..."."""
+    texts = []
+    for method, settings in config.vary.items():
+        given = dict(cell.params).get(method, {})
+        texts.extend(f"{key}={json.dumps(given[key])}" for key in settings if key in given)
+    return ", ".join(texts)
 
 
 def cell_identity(cell: Cell) -> Tuple[str, Optional[str], Optional[str], int, str]:
@@ -110,7 +122,8 @@ def plan_sweep(
     db_path = db or config.db
     hashes = {spec.path: file_sha256(spec.path) for spec in config.features}
     cells = [
-        PlannedCell(spec=spec, cell=cell, key=cell_key(cell, spec, hashes[spec.path], train))
+        PlannedCell(spec=spec, cell=cell, key=cell_key(cell, spec, hashes[spec.path], train),
+                    varied=varied_text(config, cell))
         for spec, cell in config.cells()
     ]
     finished_keys = set()
