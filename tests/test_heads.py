@@ -261,3 +261,25 @@ def test_disalign_bad_parameters_name_themselves(gaussian_feature_set, params, n
     # A sweep refuses it before any training.
     with pytest.raises(ConfigError, match=f"head parameter {name} of disalign"):
         fit_cells(gaussian_feature_set, [Cell("disalign", "ce", params={"disalign": params})])
+
+
+def test_ncm_scores_five_thousand_classes_on_the_cpu():
+    """Issue 13: nearest class mean is a matrix product over all C means, so
+    it has no k limit (a FAISS GPU search caps k at 2048). 5,000 classes,
+    two training images each: the scores equal the cosine to every mean and
+    each test image goes to its own class."""
+    rng = np.random.default_rng(0)
+    num_classes, dim = 5000, 48
+    means = rng.standard_normal((num_classes, dim)).astype(np.float32) * 3
+    y = np.repeat(np.arange(num_classes), 2)
+    X = means[y] + rng.standard_normal((len(y), dim)).astype(np.float32) * 0.3
+    queries = means[::7] + rng.standard_normal((len(means[::7]), dim)).astype(np.float32) * 0.3
+    head = create_head("ncm").fit(X, y)
+    scores = head.decision_function(queries)
+    normalised = X / np.linalg.norm(X, axis=1, keepdims=True)
+    class_means = normalised.reshape(num_classes, 2, dim).mean(axis=1)
+    class_means /= np.linalg.norm(class_means, axis=1, keepdims=True)
+    expected = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ class_means.T
+    assert scores.shape == (len(queries), num_classes)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_array_equal(scores.argmax(axis=1), np.arange(0, num_classes, 7))

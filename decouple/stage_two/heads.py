@@ -16,8 +16,10 @@ Two kinds of head:
   family share one fused pass (:meth:`TrainableHead.fusion_key`). tau_norm and lws
   are post-fit steps on the linear family's weights, so
   :func:`decouple.stage_two.fit.fit_cells` trains those once for all three.
-* **training-free** (ncm, knn) take no loss or sampler and search a FAISS
-  index (on the GPU when FAISS sees one).
+* **training-free** (ncm, knn) take no loss or sampler: ncm is one matrix
+  product with the class means (on the GPU when torch sees one), knn
+  searches a FAISS index over the training points (on the GPU when FAISS
+  sees one).
 
 Gradient heads work in the standardised feature space of
 :class:`decouple.stage_two.trainer.PreparedData` (every feature centred and
@@ -855,17 +857,32 @@ class SearchHead(Head):
         return state
 
 
+#: Rows scored per matrix product by a nearest-class-mean head (bounds its
+#: memory to this many rows x C scores, on the CPU or the GPU).
+NCM_ROWS = 4096
+
+
+def search_device() -> str:
+    """Where a training-free head computes its scores: the GPU when torch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @register_head("ncm")
-class NCMHead(SearchHead):
-    """Nearest class mean of L2-normalised features, by cosine or L2, via FAISS.
+class NCMHead(Head):
+    """Nearest class mean of L2-normalised features, by cosine or L2, as one matrix product.
 
     The training-free baseline of Kang et al. (ICLR 2020), Sec. 4: every
     class is the mean of its L2-normalised training features; a query goes
     to the nearest mean. ``metric`` "cosine" (default) normalises the means
     too and scores by cosine similarity; "l2" scores by minus the squared
-    Euclidean distance to the (unnormalised) means.
+    Euclidean distance to the (unnormalised) means. The scores of all C
+    means are one product of the queries with the (C, D) means, in chunks of
+    NCM_ROWS rows, on the GPU when there is one: any number of classes (a
+    FAISS GPU search caps k, here C, at 2048). The same module
+    (:class:`~decouple.stage_two.scorers.NCMScorer`) scores a saved model.
     """
 
+    trainable = False
     balances_prior = True
 
     def __init__(self, metric: str = "cosine") -> None:
@@ -884,17 +901,17 @@ class NCMHead(SearchHead):
             means = _l2_normalize(means)
         self.means_ = means
         self.classes_ = np.arange(num_classes)
-        self.index_, self._resources = faiss_index(means, metric=metric)
         return self
 
+    @torch.no_grad()
     def decision_function(self, X: Any) -> np.ndarray:
-        queries = _l2_normalize(_as_float32(X))
-        num_classes = len(self.means_)
-        values, ids = self.index_.search(queries, num_classes)
-        if self.metric == "l2":
-            values = -values
-        scores = np.full((len(queries), num_classes), -np.inf, dtype=np.float32)
-        np.put_along_axis(scores, ids, values, axis=1)
+        device = search_device()
+        scorer = self.scorer().to(device)
+        queries = torch.from_numpy(_as_float32(X))
+        scores = np.empty((len(queries), len(self.means_)), dtype=np.float32)
+        for start in range(0, len(queries), NCM_ROWS):
+            chunk = queries[start : start + NCM_ROWS].to(device)
+            scores[start : start + len(chunk)] = scorer(chunk).cpu().numpy()
         return scores
 
     def scorer(self) -> Scorer:
