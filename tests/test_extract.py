@@ -299,3 +299,22 @@ def test_a_failed_rerun_leaves_the_previous_run_intact(tmp_path, monkeypatch, fa
     assert result.exit_code != 0
     after = {name: (out / name).read_bytes() for name in leftovers(out)}
     assert after == before  # byte for byte, and no temporary file left
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_uint8_images_normalised_per_batch_are_the_per_image_floats(cifar_subset, size):
+    """Issue 13: extraction decodes and crops each image to uint8 and
+    normalises whole batches; the floats are exactly ToTensor + Normalize's,
+    on the CIFAR recipe (32 px) and on timm's resize-and-crop (96 px)."""
+    from PIL import Image
+
+    from decouple.stage_one.finetune import make_transform, make_uint8_transform
+
+    config = {"input_size": (3, size, size), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+              "interpolation": "bicubic", "crop_pct": 0.875 if size > 64 else 1.0, "crop_mode": "center"}
+    images = [Image.open(path).convert("RGB") for path in sorted(cifar_subset.glob("train/*/000[0-2].jpg"))]
+    per_image = torch.stack([make_transform(config, is_training=False)(image) for image in images])
+    to_uint8, normalize = make_uint8_transform(config)
+    batch = torch.stack([to_uint8(image) for image in images])
+    assert batch.dtype == torch.uint8 and batch.shape == per_image.shape
+    assert torch.equal(normalize(batch), per_image)

@@ -56,6 +56,7 @@ from decouple.stage_one.finetune import (
     finetune,
     is_disk_full,
     make_transform,
+    make_uint8_transform,
     seed_everything,
 )
 from decouple.stage_one.images import ImageDataset, native_image_size
@@ -188,10 +189,13 @@ def embed_split(
     channels_last: bool = True,
     generator: Optional[torch.Generator] = None,
     write_fingerprints: Optional[Callable[[int, np.ndarray], None]] = None,
+    normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> None:
     """Embed ``items`` sharded over ranks; rank 0 gets ``write(start_row, block (b, D))`` in order,
     and with ``write_fingerprints``, ``write_fingerprints(start_row, (b, 2) uint64)``: each
-    image's :func:`~decouple.stage_one.images.image_fingerprints`, computed as it is decoded."""
+    image's :func:`~decouple.stage_one.images.image_fingerprints`, computed as it is decoded.
+    ``normalize``: applied to each batch on the device, for a ``transform`` that
+    gives uint8 images (:func:`~decouple.stage_one.finetune.make_uint8_transform`)."""
     n = len(items)
     device = dist.device
     on_cuda = device.type == "cuda"
@@ -212,8 +216,11 @@ def embed_split(
         hashes = torch.zeros(batch_size, 2, dtype=torch.int64, device=device)
         if len(batch):
             images, _, *found = next(iterator)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            if normalize is not None:
+                images = normalize(images)
             with autocast:
-                out = embed(model, images.to(device, non_blocking=True, memory_format=memory_format))
+                out = embed(model, images)
             block[: len(batch)] = out.float()
             if found:
                 hashes[: len(batch)] = found[0].to(device)
@@ -441,7 +448,7 @@ def _write_features(
     writer commits on exit, the manifest to one committed right after; a
     failure anywhere leaves the previous pair intact.
     """
-    eval_transform = make_transform(data_config, is_training=False)
+    eval_transform, normalize = make_uint8_transform(data_config)
     writer_cm = (
         FeatureWriter(
             paths["out"], class_names=manifest.class_names, backbone=config.backbone, attrs=attrs,
@@ -453,7 +460,8 @@ def _write_features(
     staged_manifest: Optional[Path] = None
     try:
         with writer_cm as writer:
-            _embed_splits(writer, manifest, eval_transform, embed_rows, dim=dim, dist=dist, say=say)
+            _embed_splits(writer, manifest, eval_transform, functools.partial(embed_rows, normalize=normalize),
+                          dim=dim, dist=dist, say=say)
             if config.views:
                 train_transform = make_transform(data_config, is_training=True)
                 _embed_views(writer, manifest.splits["train"], train_transform, embed_rows, config=config, dim=dim, dist=dist, say=say)

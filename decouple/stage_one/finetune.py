@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybeToTensor
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from tqdm.auto import tqdm
 
@@ -166,6 +167,10 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------- transforms
 
 
+#: The tensor steps of an evaluation transform, which make_uint8_transform moves to the batch.
+_TENSOR_STEPS = (T.ToTensor, T.Normalize, MaybeToTensor)
+
+
 def make_transform(data_config: Dict[str, Any], *, is_training: bool) -> Callable:
     """timm's transforms at the configured input size; pad-and-crop for inputs
     of 64 pixels or less (the CIFAR recipe of He et al. 2016: 4-pixel padding
@@ -186,6 +191,31 @@ def make_transform(data_config: Dict[str, Any], *, is_training: bool) -> Callabl
         crop_pct=data_config.get("crop_pct"),
         crop_mode=data_config.get("crop_mode"),
     )
+
+
+def make_uint8_transform(data_config: Dict[str, Any]) -> Tuple[Callable, "BatchNormalize"]:
+    """The evaluation transform of :func:`make_transform` split in two: per
+    image, the PIL resize and crop to a uint8 tensor (3, H, W); per batch,
+    :class:`BatchNormalize` (to float, / 255, minus mean, over std) on the
+    batch's device. Decoding workers then hand over a quarter of the bytes,
+    and the many small per-image tensor ops become one batch op; the floats
+    are the very same as ToTensor then Normalize computes per image."""
+    full = make_transform(data_config, is_training=False)
+    pil_steps = [step for step in full.transforms if not isinstance(step, _TENSOR_STEPS)]
+    return T.Compose(pil_steps + [T.PILToTensor()]), BatchNormalize(data_config["mean"], data_config["std"])
+
+
+class BatchNormalize:
+    """uint8 images (B, 3, H, W) -> float32 (x / 255 - mean) / std, the
+    arithmetic of torchvision's ToTensor then Normalize, for a whole batch."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor([float(value) for value in mean]).view(1, -1, 1, 1)
+        self.std = torch.tensor([float(value) for value in std]).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def data_config_for(model: nn.Module, img_size: int) -> Dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Frozen extraction on real image folders: `decouple extract --epochs 0`
+against a bare decode-and-infer loop in the same process (issue 13).
+
+Folders: CIFAR-10 JPEGs from ``../shared/data`` (``--per-class`` a class,
+32 px), and a folder of larger JPEGs the script makes by upsampling the
+first of them to 224 px (quality 90). For each, with the same model
+(``--backbone``, random weights), input size, batch and loader settings:
+
+* ``decouple``: the whole ``decouple extract --epochs 0 --no-check`` run
+  (manifest, decoding, embedding every split, fingerprints, the HDF5 file,
+  the split-health check), images/s over every image it embedded;
+* ``bare``: the loop anyone would write: a DataLoader whose items are each
+  image decoded, resized and cropped to uint8, converted and normalised
+  per batch, then ``forward_head(pre_logits=True)`` under
+  ``inference_mode``;
+* ``bare, per-image floats``: the same loop with torchvision's ToTensor and
+  Normalize per image, the pipeline extraction used before issue 13.
+
+The target is decouple at 0.9x the bare loop or better. Runs alternate and
+the best of ``--repeats`` counts, since shared machines are noisy.
+
+    python benchmarks/stage_one_folder.py                         # resnet18; 96 px for CIFAR
+    python benchmarks/stage_one_folder.py --per-class 100 --large 300 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli.main import cli  # noqa: E402
+from decouple.stage_one.backbones import create_backbone, embed  # noqa: E402
+from decouple.stage_one.finetune import data_config_for, make_transform, make_uint8_transform  # noqa: E402
+
+TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
+
+
+def unpack(per_class: int, dest: Path) -> Path:
+    """cifar10/train/<class>/NNNN.jpg, the first ``per_class`` of each class."""
+    wanted = {f"{i:04d}.jpg" for i in range(per_class)}
+    with tarfile.open(TARBALL, "r:xz") as archive:
+        members = [m for m in archive if m.isfile() and "/train/" in m.name and Path(m.name).name in wanted]
+        archive.extractall(dest, members=members, filter="data")
+    return dest / "cifar10" / "train"
+
+
+def upsampled(source: Path, dest: Path, count: int, side: int = 224) -> Path:
+    """The first ``count`` images of ``source`` (by class, in name order) upsampled to ``side`` px."""
+    paths = sorted(source.glob("*/*.jpg"))
+    per_class = max(1, count // max(1, len({path.parent for path in paths})))
+    for path in paths:
+        if int(path.stem) >= per_class:
+            continue
+        out = dest / path.parent.name / path.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC).save(out, quality=90)
+    return dest
+
+
+class Files(torch.utils.data.Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(Image.open(self.paths[index]).convert("RGB"))
+
+
+def bare(model, paths, data_config, *, batch_size: int, workers: int, per_image_floats: bool) -> float:
+    """images/s of the bare decode-and-infer loop over ``paths``."""
+    if per_image_floats:
+        transform, normalize = make_transform(data_config, is_training=False), None
+    else:
+        transform, normalize = make_uint8_transform(data_config)
+    loader = torch.utils.data.DataLoader(Files(paths, transform), batch_size=batch_size, num_workers=workers)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for images in loader:
+            embed(model, normalize(images) if normalize is not None else images)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def ours(folder: Path, work: Path, *, backbone: str, img_size: int, batch_size: int, workers: int) -> float:
+    """images/s of `decouple extract --epochs 0` over every image it embedded."""
+    out = work / f"features-{time.monotonic_ns()}"
+    args = ["extract", "--data", str(folder), "--backbone", backbone, "--epochs", "0", "--img-size", str(img_size),
+            "--eval-batch-size", str(batch_size), "--workers", str(workers), "--val-per-class", "2",
+            "--features-dir", str(out), "--name", "bench", "--no-check", "--no-progress", "--json"]
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, args)
+    seconds = time.perf_counter() - started
+    if result.exit_code != 0:
+        raise SystemExit(result.output)
+    images = sum(int(n) for n in json.loads(result.stdout.splitlines()[-1])["splits"].values())
+    return images / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--per-class", type=int, default=200, help="CIFAR-10 JPEGs a class (32 px folder)")
+    parser.add_argument("--cifar-size", type=int, default=96, help="input size for the 32 px folder")
+    parser.add_argument("--large", type=int, default=400, help="images upsampled to 224 px")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="decouple-folder-"))
+    cifar = unpack(args.per_class, work / "cifar")
+    large = upsampled(cifar, work / "large224", args.large)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu; {args.backbone}, random weights, "
+          f"batch {args.batch_size}, workers {args.workers}, best of {args.repeats}")
+    for name, folder, size in (("CIFAR-10 JPEGs (32 px)", cifar, args.cifar_size), ("upsampled JPEGs (224 px)", large, 224)):
+        paths = sorted(folder.glob("*/*.jpg"))
+        model, _ = create_backbone(args.backbone, num_classes=10)
+        model.eval()
+        data_config = data_config_for(model, size)
+        best = {"decouple": 0.0, "bare": 0.0, "bare, per-image floats": 0.0}
+        for _ in range(args.repeats):
+            best["decouple"] = max(best["decouple"], ours(folder, work, backbone=args.backbone, img_size=size,
+                                                          batch_size=args.batch_size, workers=args.workers))
+            for per_image, key in ((False, "bare"), (True, "bare, per-image floats")):
+                best[key] = max(best[key], bare(model, paths, data_config, batch_size=args.batch_size,
+                                                workers=args.workers, per_image_floats=per_image))
+        ratio = best["decouple"] / best["bare"]
+        print(f"{name}, {len(paths)} images at {size} px: decouple {best['decouple']:.1f} img/s, "
+              f"bare {best['bare']:.1f} img/s, bare with per-image floats {best['bare, per-image floats']:.1f} img/s; "
+              f"ratio {ratio:.2f} (target >= 0.90): {'ok' if ratio >= 0.9 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
