@@ -1,17 +1,19 @@
 """The GPU path, one line per check (issue 13, item 4): prepared here, run
 on a machine with one NVIDIA GPU.
 
-Here (no GPU needed), copy the data the machine cannot reach into a folder
-that travels with the working tree, and check the script on the CPU:
+Here (no GPU needed), write the data the machine cannot reach into a
+folder that travels with the working tree (the CIFAR-10-LT training images
+of the IF = 100 profile plus 20 a class for val, and 200 test images a
+class: 4.4 MB), and check the script on the CPU:
 
-    mkdir -p .gpu_data && cp ../shared/data/cifar10-jpg.tar.xz .gpu_data/
     echo /.gpu_data/ >> .git/info/exclude
-    .venv/bin/python benchmarks/gpu_check.py --data .gpu_data/cifar10-jpg.tar.xz --smoke
+    .venv/bin/python benchmarks/gpu_check.py --prepare .gpu_data/cifar10_lt.tar.xz
+    .venv/bin/python benchmarks/gpu_check.py --data .gpu_data/cifar10_lt.tar.xz --smoke
 
 There (its image has torch, timm, h5py, click and scikit-learn, not faiss:
 carry a faiss wheel as the device README says; carry `.gpu_data`):
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data .gpu_data/cifar10-jpg.tar.xz
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data .gpu_data/cifar10_lt.tar.xz
 
 Checks, each one line, a failure printed and the next check run:
 
@@ -30,11 +32,11 @@ Checks, each one line, a failure printed and the next check run:
 the script, not the GPU (on the 2-core development machine: every line
 printed, knn and torchrun skipped, in about a minute).
 
-Size: everything git tracks travels (46.6 MB at this writing, 38.5 MB of
-it the CIFAR-10-LT results databases). With the 18.5 MB tarball and a faiss
-wheel (about 27 MB; `decouple.stage_two.heads` imports faiss) that is over
-the device's 64 MiB. Shrink the stored predictions or the databases
-first.
+Size: everything git tracks travels (35.0 MB at this writing, 24.5 MB of
+it the CIFAR-10-LT IF = 100 results database). With the prepared data and
+the faiss-cpu wheel (23.8 MB; `decouple.stage_two.heads` imports faiss) it
+is 63.3 MB, just under the device's 64 MiB (67.1 MB): the whole 18.5 MB
+tarball would not fit.
 """
 
 from __future__ import annotations
@@ -79,6 +81,27 @@ def unpack(tarball: Path, dest: Path, per_class: int = 0) -> Path:
 
 #: Val images a class; the smoke run's 30 images a class leave room for 5.
 VAL_PER_CLASS = {"full": 20, "smoke": 5}
+
+
+def prepare(source: Path, out: Path, *, imbalance: float = 100, val_per_class: int = 20,
+            test_per_class: int = 200) -> None:
+    """Write ``out`` (tar.xz): per class (in name order) the first
+    round(n_max (1 / imbalance)^(i / (C - 1))) + ``val_per_class`` training
+    JPEGs, n_max = 5000 - ``val_per_class`` (the profile `decouple extract
+    --imbalance` draws from the full set), and ``test_per_class`` test JPEGs."""
+    with tarfile.open(source, "r:xz") as archive:
+        members = [m for m in archive if m.isfile() and m.name.endswith(".jpg")]
+        classes = sorted({Path(m.name).parent.name for m in members})
+        n_max = 5000 - val_per_class
+        keep = {name: int(round(n_max * (1.0 / imbalance) ** (index / (len(classes) - 1)))) + val_per_class
+                for index, name in enumerate(classes)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out, "w:xz") as written:
+            for member in members:
+                path = Path(member.name)
+                limit = keep[path.parent.name] if path.parent.parent.name == "train" else test_per_class
+                if int(path.stem) < limit:
+                    written.addfile(member, archive.extractfile(member))
 
 
 def extract_args(data: Path, out: Path, *, epochs: int, device: str, name: str, val_per_class: int = 20) -> list:
@@ -171,10 +194,19 @@ def check_stage_two(work: Path, *, device: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="cifar10-jpg.tar.xz")
+    parser.add_argument("--data", help="the JPEG tarball: cifar10-jpg.tar.xz or what --prepare wrote")
+    parser.add_argument("--prepare", metavar="OUT", help="write the CIFAR-10-LT subset tarball for the device, and stop")
+    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"),
+                        help="with --prepare: the full CIFAR-10 JPEG tarball")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="small, on any device: test the script")
     args = parser.parse_args(argv)
+    if args.prepare:
+        prepare(Path(args.source), Path(args.prepare))
+        print(f"wrote {args.prepare} ({Path(args.prepare).stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if not args.data:
+        parser.error("--data is required (or --prepare OUT)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
     print(f"device: {device} ({name}); torch {torch.__version__}", flush=True)
