@@ -40,6 +40,14 @@ from decouple.errors import ConfigError, DecoupleError
 from decouple.provenance import jsonable
 from decouple.registry import Registry
 from decouple.stage_one.distributed import DistInfo, default_workers
+from decouple.stage_one.image_cache import (
+    BatchNormalize,
+    DecodedImages,
+    PadCropFlip,
+    cache_for,
+    check_cache_mode,
+    epoch_generator,
+)
 from decouple.stage_one.images import ImageDataset
 from decouple.stage_one.manifest import Manifest
 from decouple.stage_two.losses import create_loss, family_settings
@@ -132,6 +140,9 @@ class FinetuneConfig:
     workers: Optional[int] = None
     seed: int = 0
     progress: bool = True
+    #: Decoded training images kept once: "off", "memory" (RAM) or "device"
+    #: (:mod:`decouple.stage_one.image_cache`); the augmentation then runs on batches.
+    cache_images: str = "off"
 
     def resolved(self) -> "FinetuneConfig":
         """A copy with optimizer defaults and the loss's linear-family settings
@@ -193,7 +204,7 @@ def make_transform(data_config: Dict[str, Any], *, is_training: bool) -> Callabl
     )
 
 
-def make_uint8_transform(data_config: Dict[str, Any]) -> Tuple[Callable, "BatchNormalize"]:
+def make_uint8_transform(data_config: Dict[str, Any]) -> Tuple[Callable, BatchNormalize]:
     """The evaluation transform of :func:`make_transform` split in two: per
     image, the PIL resize and crop to a uint8 tensor (3, H, W); per batch,
     :class:`BatchNormalize` (to float, / 255, minus mean, over std) on the
@@ -203,19 +214,6 @@ def make_uint8_transform(data_config: Dict[str, Any]) -> Tuple[Callable, "BatchN
     full = make_transform(data_config, is_training=False)
     pil_steps = [step for step in full.transforms if not isinstance(step, _TENSOR_STEPS)]
     return T.Compose(pil_steps + [T.PILToTensor()]), BatchNormalize(data_config["mean"], data_config["std"])
-
-
-class BatchNormalize:
-    """uint8 images (B, 3, H, W) -> float32 (x / 255 - mean) / std, the
-    arithmetic of torchvision's ToTensor then Normalize, for a whole batch."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor([float(value) for value in mean]).view(1, -1, 1, 1)
-        self.std = torch.tensor([float(value) for value in std]).view(1, -1, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def data_config_for(model: nn.Module, img_size: int) -> Dict[str, Any]:
@@ -341,6 +339,9 @@ class _Loop:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     workers: int
     fingerprint: Dict[str, Any]
+    #: With --cache-images: the decoded training images and their batch augmentation.
+    cache: Optional[DecodedImages] = None
+    augment: Optional[PadCropFlip] = None
 
     @property
     def on_cuda(self) -> bool:
@@ -374,13 +375,18 @@ def _build_loop(
         sampler = DistributedClassSampler(sampler, num_replicas=dist.world_size, rank=dist.rank)
     workers = default_workers(device, dist.local_world_size) if config.workers is None else config.workers
     dataset = ImageDataset(train, make_transform(data_config, is_training=True))
+    side = int(data_config["input_size"][-1])
+    cache = cache_for(check_cache_mode(config.cache_images, side), train, side, device=device, workers=workers,
+                      progress=config.progress and dist.is_main)
+    augment = PadCropFlip(side, data_config["mean"], data_config["std"]) if cache is not None else None
     batches_per_epoch = len(sampler) // config.batch_size if len(sampler) >= config.batch_size else 1
     model.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, updates_per_epoch=math.ceil(batches_per_epoch / config.accumulate))
-    return _Loop(config, dist, model, model, dataset, sampler, loss_fn, optimizer, scheduler, workers, fingerprint)
+    return _Loop(config, dist, model, model, dataset, sampler, loss_fn, optimizer, scheduler, workers, fingerprint,
+                 cache=cache, augment=augment)
 
 
 def _resume(loop: _Loop, checkpoint: Optional[Path], resume: bool, log: Callable[[str], None]) -> Tuple[int, List[EpochStats]]:
@@ -399,12 +405,35 @@ def _resume(loop: _Loop, checkpoint: Optional[Path], resume: bool, log: Callable
     return 0, []
 
 
-def _epoch_loader(loop: _Loop, epoch: int) -> torch.utils.data.DataLoader:
-    """This epoch's loader; sampler, loss and every random generator re-seeded from (seed, epoch, rank)."""
+class _CachedEpoch:
+    """One epoch's batches from the decoded-image cache: the sampler's indices
+    in batches as the DataLoader would cut them, each batch augmented on the
+    cache's device with the epoch's own generator."""
+
+    def __init__(self, loop: _Loop, epoch: int) -> None:
+        self.loop, self.indices = loop, list(loop.sampler)
+        self.drop_last = loop.per_rank >= loop.config.batch_size
+        self.generator = epoch_generator(loop.cache.images.device, loop.config.seed, epoch, loop.dist.rank)
+
+    def __len__(self) -> int:
+        size = self.loop.config.batch_size
+        return len(self.indices) // size if self.drop_last else -(-len(self.indices) // size)
+
+    def __iter__(self):
+        for images, labels in self.loop.cache.batches(self.indices, self.loop.config.batch_size,
+                                                      drop_last=self.drop_last):
+            yield self.loop.augment(images, self.generator), labels
+
+
+def _epoch_loader(loop: _Loop, epoch: int):
+    """This epoch's loader (a DataLoader, or the cache's batches); sampler, loss
+    and every random generator re-seeded from (seed, epoch, rank)."""
     config = loop.config
     generator = seed_everything(config.seed, 1, epoch, loop.dist.rank)
     loop.sampler.set_epoch(epoch)
     loop.loss_fn.set_epoch(epoch, config.epochs)
+    if loop.cache is not None:
+        return _CachedEpoch(loop, epoch)
     return torch.utils.data.DataLoader(
         loop.dataset,
         batch_size=config.batch_size,
