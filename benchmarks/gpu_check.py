@@ -18,7 +18,8 @@ carry a faiss wheel as the device README says; carry `.gpu_data`):
 Checks, each one line, a failure printed and the next check run:
 
 * ``finetune``: `decouple extract` of CIFAR-10-LT (IF = 100) with a
-  CIFAR ResNet-32, bf16 autocast and channels_last, ``--epochs`` epochs:
+  CIFAR ResNet-32, bf16 autocast, channels_last and the decoded images in
+  GPU memory (``--cache-images device``), ``--epochs`` epochs:
   training img/s, the embedding time of every split, then a linear / ce
   head on the features and its balanced test top-1;
 * ``ncm``: 5,000 classes scored on the GPU, against the CPU;
@@ -109,6 +110,7 @@ def extract_args(data: Path, out: Path, *, epochs: int, device: str, name: str, 
             "--val-per-class", str(val_per_class),
             "--epochs", str(epochs), "--batch-size", "128", "--lr", "0.1", "--momentum", "0.9",
             "--weight-decay", "2e-4", "--warmup-epochs", "1", "--device", device, "--amp", "--channels-last",
+            "--cache-images", "device" if device == "cuda" else "memory",
             "--features-dir", str(out), "--name", name, "--no-check", "--no-progress", "--json"]
 
 
@@ -125,7 +127,7 @@ def check_finetune(data: Path, work: Path, *, epochs: int, device: str, val_per_
     rate = np.mean([epoch["images_per_second"] for epoch in history[1:] or history])
     features = read_features(run["path"])
     head = fit_cells(features, [Cell("linear", "ce", "instance", 0)], train=TrainConfig(device=device))[0]
-    return (f"finetune: resnet32_cifar, CIFAR-10-LT IF=100, {len(history)} epochs, {'bf16 + channels_last' if device == 'cuda' else 'float32'} on "
+    return (f"finetune: resnet32_cifar, CIFAR-10-LT IF=100, {len(history)} epochs, {'bf16 + channels_last + device cache' if device == 'cuda' else 'float32 + memory cache'} on "
             f"{device}: {rate:.0f} img/s training (after epoch 1), {train_seconds:.1f} s training, "
             f"{seconds - train_seconds:.1f} s for the rest (every split embedded: {sum(run['splits'].values())} "
             f"images); linear/ce test top-1 {100 * head.metrics['test']['top1']:.1f}%")
