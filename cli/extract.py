@@ -87,9 +87,11 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
 @click.option("--sampler", default="instance", show_default=True, help="A stage-two sampler (decouple list).")
 @click.option("--sampler-param", multiple=True, metavar="KEY=VALUE", help="A sampler parameter, repeatable.")
 @click.option("--workers", type=int, default=None, help="Loader processes (default 0 on CPU, up to 8 per GPU).")
-@click.option("--cache-images", type=click.Choice(["off", "memory", "device"]), default="off", show_default=True,
-              help="Decode and resize every training image once, to uint8 in RAM (memory) or in the training "
-                   "device's memory (device), and augment whole batches there (pad, crop, flip, normalise) "
+@click.option("--cache-images", type=click.Choice(["off", "memory", "disk", "device"]), default="off",
+              show_default=True,
+              help="Decode and resize every training image once, to uint8 in RAM (memory), in a file beside the "
+                   "checkpoint that a rerun reuses (disk) or in the training device's memory (device), and augment "
+                   "whole batches there (pad, crop, flip, normalise) "
                    "instead of decoding every image every epoch. Inputs of 64 px or less (the pad-and-crop "
                    "recipe) so far; another draw of the same augmentation, so not the same numbers as off.")
 @click.option("--views", type=int, default=0, show_default=True,

@@ -18,7 +18,14 @@ from PIL import Image
 from cli.main import cli
 from decouple.errors import ConfigError
 from decouple.features import read_features
-from decouple.stage_one.image_cache import DecodedImages, PadCropFlip, check_cache_mode, epoch_generator
+from decouple.stage_one.image_cache import (
+    DecodedImages,
+    PadCropFlip,
+    check_cache_mode,
+    decode_all,
+    disk_cache,
+    epoch_generator,
+)
 from decouple.stage_one.manifest import SplitItems
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -77,7 +84,7 @@ def test_cache_modes_and_sizes_are_checked():
     assert check_cache_mode("memory", 32) == "memory"
     with pytest.raises(ConfigError, match="64 px or less"):
         check_cache_mode("memory", 224)
-    with pytest.raises(ConfigError, match="off, memory, device"):
+    with pytest.raises(ConfigError, match="off, memory, disk, device"):
         check_cache_mode("ram", 32)
 
 
@@ -100,3 +107,30 @@ def test_a_fine_tune_with_the_memory_cache_runs_and_repeats_itself(cifar_subset,
     assert len(history) == 2 and all(np.isfinite(epoch["loss"]) for epoch in history)
     refused = _extract(cifar_subset, tmp_path / "c", "--cache-images", "memory", "--img-size", "96")
     assert refused.exit_code != 0 and "64 px or less" in refused.output
+
+
+def test_the_disk_cache_is_written_once_reused_and_keyed_by_images_and_size(cifar_subset, tmp_path):
+    paths = sorted(cifar_subset.glob("train/*/000[0-2].jpg"))
+    items = SplitItems(refs=[str(path) for path in paths], labels=np.repeat(np.arange(10), 3))
+    said = []
+    images, path = disk_cache(items, 16, tmp_path / "run", log=said.append)
+    assert torch.equal(images, decode_all(items, 16)) and said[-1].startswith("decoded 30 images")
+    written = path.stat().st_mtime_ns
+    again, same = disk_cache(items, 16, tmp_path / "run", log=said.append)
+    assert same == path and path.stat().st_mtime_ns == written and said[-1].startswith("reusing")
+    assert torch.equal(again, images)
+    other, other_path = disk_cache(items, 20, tmp_path / "run", log=said.append)
+    assert other_path != path and other.shape == (30, 3, 20, 20)
+    fewer = SplitItems(refs=items.refs[:-1], labels=items.labels[:-1])
+    assert disk_cache(fewer, 16, tmp_path / "run", log=said.append)[1] != path
+
+
+def test_disk_and_memory_caches_train_the_same_network(cifar_subset, tmp_path):
+    """The same decoded images and the same draws: identical features."""
+    memory = _extract(cifar_subset, tmp_path / "m", "--cache-images", "memory")
+    disk = _extract(cifar_subset, tmp_path / "d", "--cache-images", "disk")
+    assert memory.exit_code == 0 and disk.exit_code == 0, disk.output
+    assert list((tmp_path / "d").glob("run.images-*.u8"))
+    one, two = (read_features(tmp_path / name / "run.h5") for name in ("m", "d"))
+    for split in one.splits:
+        np.testing.assert_array_equal(one.splits[split].features, two.splits[split].features)

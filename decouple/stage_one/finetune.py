@@ -364,7 +364,8 @@ class _Loop:
 
 def _build_loop(
     model: nn.Module, manifest: Manifest, config: FinetuneConfig, data_config: Dict[str, Any],
-    dist: DistInfo, fingerprint: Dict[str, Any],
+    dist: DistInfo, fingerprint: Dict[str, Any], *, checkpoint: Optional[Path] = None,
+    log: Callable[[str], None] = print,
 ) -> _Loop:
     """Sampler, loss, data, optimizer and schedule for ``model`` on ``manifest``'s train split."""
     device = dist.device
@@ -376,8 +377,14 @@ def _build_loop(
     workers = default_workers(device, dist.local_world_size) if config.workers is None else config.workers
     dataset = ImageDataset(train, make_transform(data_config, is_training=True))
     side = int(data_config["input_size"][-1])
-    cache = cache_for(check_cache_mode(config.cache_images, side), train, side, device=device, workers=workers,
-                      progress=config.progress and dist.is_main)
+    mode = check_cache_mode(config.cache_images, side)
+    disk_base = None if checkpoint is None else checkpoint.parent / checkpoint.name.split(".")[0]
+    if mode == "disk" and dist.distributed and not dist.is_main:
+        dist.barrier()  # rank 0 writes the file first
+    cache = cache_for(mode, train, side, device=device, workers=workers, progress=config.progress and dist.is_main,
+                      disk_base=disk_base, log=log if dist.is_main else (lambda message: None))
+    if mode == "disk" and dist.distributed and dist.is_main:
+        dist.barrier()
     augment = PadCropFlip(side, data_config["mean"], data_config["std"]) if cache is not None else None
     batches_per_epoch = len(sampler) // config.batch_size if len(sampler) >= config.batch_size else 1
     model.to(device)
@@ -553,7 +560,8 @@ def finetune(
     """
     config = config.resolved()
     dist = dist or DistInfo()
-    loop = _build_loop(model, manifest, config, data_config, dist, run_fingerprint(config, fingerprint))
+    loop = _build_loop(model, manifest, config, data_config, dist, run_fingerprint(config, fingerprint),
+                       checkpoint=checkpoint, log=log)
     start_epoch, history = _resume(loop, checkpoint, resume, log)
     if dist.distributed:
         device_ids = [dist.device.index] if loop.on_cuda else None

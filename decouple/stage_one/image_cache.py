@@ -1,9 +1,10 @@
 """Decoded training images, kept once, and their augmentation on whole batches.
 
-``decouple extract --cache-images memory|device`` decodes and resizes every
-training image once, to uint8 (N, 3, S, S), in RAM or in the training
-device's memory (:class:`DecodedImages`), instead of decoding each image
-again every epoch. The training augmentation then runs on whole batches
+``decouple extract --cache-images memory|disk|device`` decodes and resizes
+every training image once, to uint8 (N, 3, S, S), in RAM, in a file beside
+the run's checkpoint (memory-mapped, reused by a rerun: :func:`disk_cache`)
+or in the training device's memory (:class:`DecodedImages`), instead of
+decoding each image again every epoch. The training augmentation then runs on whole batches
 with torch ops on the device (:class:`PadCropFlip`): the CIFAR recipe of He
 et al. (2016) that :func:`~decouple.stage_one.finetune.make_transform` uses
 at 64 pixels or less, zero padding of S // 8, a random S x S crop, a
@@ -16,18 +17,25 @@ ones), so a run with the cache is another draw of the same recipe.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 from tqdm.auto import tqdm
 
+from decouple.atomic import atomic_path
 from decouple.errors import ConfigError
 from decouple.stage_one.images import ImageDataset
 from decouple.stage_one.manifest import SplitItems
 
-#: ``--cache-images`` choices: none, RAM, the training device's memory.
-CACHE_MODES = ("off", "memory", "device")
+#: ``--cache-images`` choices: none, RAM, a memory-mapped file, the training device's memory.
+CACHE_MODES = ("off", "memory", "disk", "device")
+#: Bumped when what a disk cache holds changes, so that old files are not read.
+DISK_FORMAT = 1
 #: The largest input side the cache serves: the pad-and-crop recipe's.
 MAX_CACHED_SIDE = 64
 
@@ -44,6 +52,47 @@ def check_cache_mode(mode: str, input_side: int) -> str:
     return mode
 
 
+def decode_all(items: SplitItems, side: int, *, workers: int = 0, progress: bool = False) -> torch.Tensor:
+    """Every image of ``items`` decoded and resized to uint8 (N, 3, side, side), in order."""
+    dataset = ImageDataset(items, T.Compose([T.Resize((side, side)), T.PILToTensor()]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
+    images = torch.empty((len(dataset), 3, side, side), dtype=torch.uint8)
+    start = 0
+    for batch, _ in tqdm(loader, desc="decoding images", unit="batch", disable=not progress, leave=False):
+        images[start : start + len(batch)] = batch
+        start += len(batch)
+    return images
+
+
+def cache_key(items: SplitItems, side: int) -> str:
+    """sha256 of what a disk cache holds: the images (references, in order),
+    their labels, the side and the resizing; a change to any makes a new file."""
+    digest = hashlib.sha256(json.dumps({"format": DISK_FORMAT, "side": int(side),
+                                        "resize": "torchvision Resize((side, side)), antialias, to uint8"}).encode())
+    for ref in items.refs:
+        digest.update(str(ref).encode("utf-8") + b"\0")
+    digest.update(np.ascontiguousarray(items.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def disk_cache(items: SplitItems, side: int, base: Path, *, workers: int = 0, progress: bool = False,
+               log: Callable[[str], None] = print) -> Tuple[torch.Tensor, Path]:
+    """The decoded images of ``items`` as a memory-mapped uint8 (N, 3, side,
+    side) tensor, from ``<base>.images-<key>.u8`` (:func:`cache_key`): reused
+    when it is there and whole, else decoded and written atomically (a
+    crash leaves no partial file)."""
+    path = base.parent / f"{base.name}.images-{cache_key(items, side)[:16]}.u8"
+    shape = (len(items.refs), 3, int(side), int(side))
+    if path.is_file() and path.stat().st_size == int(np.prod(shape)):
+        log(f"reusing the decoded images in {path}")
+    else:
+        images = decode_all(items, side, workers=workers, progress=progress)
+        with atomic_path(path) as tmp:
+            images.numpy().tofile(tmp)
+        log(f"decoded {shape[0]} images into {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=shape)), path
+
+
 class DecodedImages:
     """Every image of ``items`` decoded once, resized to ``side`` x ``side``:
     ``images`` uint8 (N, 3, side, side) and ``labels`` int64 (N,), on
@@ -51,14 +100,9 @@ class DecodedImages:
     ``workers`` processes, with a progress bar when ``progress``."""
 
     def __init__(self, items: SplitItems, side: int, *, device: Any = "cpu", workers: int = 0,
-                 progress: bool = False) -> None:
-        dataset = ImageDataset(items, T.Compose([T.Resize((side, side)), T.PILToTensor()]))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
-        images = torch.empty((len(dataset), 3, side, side), dtype=torch.uint8)
-        start = 0
-        for batch, _ in tqdm(loader, desc="decoding images", unit="batch", disable=not progress, leave=False):
-            images[start : start + len(batch)] = batch
-            start += len(batch)
+                 progress: bool = False, images: Optional[torch.Tensor] = None) -> None:
+        if images is None:
+            images = decode_all(items, side, workers=workers, progress=progress)
         self.images = images.to(device)
         self.labels = torch.as_tensor(items.labels, dtype=torch.int64, device=device)
 
@@ -131,10 +175,16 @@ def epoch_generator(device: torch.device, seed: int, epoch: int, rank: int) -> t
     return generator
 
 
-def cache_for(mode: str, items: SplitItems, side: int, *, device: torch.device, workers: int,
-              progress: bool) -> Optional[DecodedImages]:
-    """The decoded training images of ``mode`` (None for "off")."""
+def cache_for(mode: str, items: SplitItems, side: int, *, device: torch.device, workers: int, progress: bool,
+              disk_base: Optional[Path] = None, log: Callable[[str], None] = print) -> Optional[DecodedImages]:
+    """The decoded training images of ``mode`` (None for "off"); "disk" keeps
+    them in a file named from ``disk_base`` (:func:`disk_cache`)."""
     if mode == "off":
         return None
+    if mode == "disk":
+        if disk_base is None:
+            raise ConfigError("--cache-images disk needs a place for its file: give the run a checkpoint path")
+        images, _ = disk_cache(items, side, disk_base, workers=workers, progress=progress, log=log)
+        return DecodedImages(items, side, images=images)
     return DecodedImages(items, side, device=device if mode == "device" else "cpu", workers=workers,
                          progress=progress)
