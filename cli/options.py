@@ -101,6 +101,8 @@ def method_settings(given: Iterable[str], methods: Iterable[str]) -> Dict[str, D
     METHOD must be one of ``methods`` (the cell's head, loss and sampler)."""
     import yaml
 
+    from decouple.study.config import method_parameters
+
     methods = [method for method in methods if method]
     settings: Dict[str, Dict[str, Any]] = {}
     for text in given:
@@ -112,6 +114,10 @@ def method_settings(given: Iterable[str], methods: Iterable[str]) -> Dict[str, D
         if method not in methods:
             raise click.BadParameter(f"{text!r}: {method!r} is not this cell's head, loss or sampler "
                                      f"({', '.join(methods)})", param_hint="--param")
+        accepted = method_parameters(method)
+        if key not in accepted:
+            raise click.BadParameter(f"{text!r}: {method} takes no setting {key!r}; it takes: "
+                                     f"{', '.join(accepted) or 'none'}", param_hint="--param")
         number = _number(value)
         try:
             settings.setdefault(method, {})[key] = number if number is not None else yaml.safe_load(value)

@@ -6,6 +6,7 @@ that uses them end to end."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -123,6 +124,9 @@ def test_the_disk_cache_is_written_once_reused_and_keyed_by_images_and_size(cifa
     assert other_path != path and other.shape == (30, 3, 20, 20)
     fewer = SplitItems(refs=items.refs[:-1], labels=items.labels[:-1])
     assert disk_cache(fewer, 16, tmp_path / "run", log=said.append)[1] != path
+    stamp = paths[0].stat()
+    os.utime(paths[0], ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))  # the image changed
+    assert disk_cache(items, 16, tmp_path / "run", log=said.append)[1] != path
 
 
 def test_disk_and_memory_caches_train_the_same_network(cifar_subset, tmp_path):

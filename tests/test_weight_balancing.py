@@ -204,6 +204,30 @@ def test_decouple_head_takes_method_settings(tmp_path, gaussian_feature_set):
     assert params["head"] == {"max_norm": 1.0, "weight_decay": 5e-3} and params["loss"]["beta"] == 0.99
     for bad, message in [(["--param", "focal.gamma=1"], "not this cell's head, loss or sampler"),
                          (["--param", "linear.max_norm"], "METHOD.KEY=VALUE"),
-                         (["--param", "linear.max_nrom=1"], "max_nrom")]:
+                         (["--param", "linear.max_nrom=1"], "max_nrom"),
+                         (["--param", "instance.seed=3"], "takes no setting 'seed'")]:
         result = CliRunner().invoke(cli, ["head", "--features", str(path), "--epochs", "1", *bad])
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_a_head_setting_named_like_a_training_setting_still_tells_methods_apart(tmp_path):
+    """The head's weight_decay (and lws's epochs) are not hidden by the
+    training config's settings of the same name: varied, they are separate
+    methods in tables and in the val ranking, never averaged as seeds."""
+    feature_set, _ = gaussian_long_tailed(num_classes=8, dim=6, n_max=80, imbalance_factor=10, n_val=6,
+                                          n_test=10, seed=4)
+    write_features(tmp_path / "toy.h5", feature_set)
+    config = _config(f"""
+    features: [{tmp_path / 'toy.h5'}]
+    grid: {{head: [linear, lws], loss: [ce]}}
+    vary: {{linear: {{weight_decay: [5.0e-4, 0.5]}}, lws: {{epochs: [1, 3]}}}}
+    train: {{epochs: 3}}
+    db: {tmp_path / 'results.db'}
+    """)
+    run_sweep(config)
+    with ResultStore.open_existing(tmp_path / "results.db") as store:
+        records = store.records()
+    labels = sorted(label["head"] for label in labelled_methods(records))
+    assert labels == ["linear (head.weight_decay=0.0005)", "linear (head.weight_decay=0.5)",
+                      "lws (head.epochs=1)", "lws (head.epochs=3)"]
+    assert len(rank_methods(records, metric="mean_class_acc", split="val")) == 4

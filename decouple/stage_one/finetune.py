@@ -379,12 +379,16 @@ def _build_loop(
     side = int(data_config["input_size"][-1])
     mode = check_cache_mode(config.cache_images, side)
     disk_base = None if checkpoint is None else checkpoint.parent / checkpoint.name.split(".")[0]
-    if mode == "disk" and dist.distributed and not dist.is_main:
-        dist.barrier()  # rank 0 writes the file first
-    cache = cache_for(mode, train, side, device=device, workers=workers, progress=config.progress and dist.is_main,
-                      disk_base=disk_base, log=log if dist.is_main else (lambda message: None))
-    if mode == "disk" and dist.distributed and dist.is_main:
+    waits = mode == "disk" and dist.distributed  # rank 0 writes the file, the others then read it
+    if waits and not dist.is_main:
         dist.barrier()
+    try:
+        cache = cache_for(mode, train, side, device=device, workers=workers,
+                          progress=config.progress and dist.is_main, disk_base=disk_base,
+                          log=log if dist.is_main else (lambda message: None))
+    finally:
+        if waits and dist.is_main:
+            dist.barrier()  # also when it failed, so the others do not wait forever
     augment = PadCropFlip(side, data_config["mean"], data_config["std"]) if cache is not None else None
     batches_per_epoch = len(sampler) // config.batch_size if len(sampler) >= config.batch_size else 1
     model.to(device)
@@ -420,16 +424,18 @@ class _CachedEpoch:
     def __init__(self, loop: _Loop, epoch: int) -> None:
         self.loop, self.indices = loop, list(loop.sampler)
         self.drop_last = loop.per_rank >= loop.config.batch_size
-        self.generator = epoch_generator(loop.cache.images.device, loop.config.seed, epoch, loop.dist.rank)
+        self.generator = epoch_generator(loop.dist.device, loop.config.seed, epoch, loop.dist.rank)
 
     def __len__(self) -> int:
         size = self.loop.config.batch_size
         return len(self.indices) // size if self.drop_last else -(-len(self.indices) // size)
 
     def __iter__(self):
+        device = self.loop.dist.device
         for images, labels in self.loop.cache.batches(self.indices, self.loop.config.batch_size,
                                                       drop_last=self.drop_last):
-            yield self.loop.augment(images, self.generator), labels
+            # uint8 travels (a quarter of the float bytes); the augmentation runs on the training device.
+            yield self.loop.augment(images.to(device, non_blocking=True), self.generator), labels
 
 
 def _epoch_loader(loop: _Loop, epoch: int):

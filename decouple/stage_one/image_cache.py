@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -65,12 +66,19 @@ def decode_all(items: SplitItems, side: int, *, workers: int = 0, progress: bool
 
 
 def cache_key(items: SplitItems, side: int) -> str:
-    """sha256 of what a disk cache holds: the images (references, in order),
-    their labels, the side and the resizing; a change to any makes a new file."""
+    """sha256 of what a disk cache holds: the images (references, in order,
+    with each file's size and modification time where the reference is a
+    file), their labels, the side and the resizing; a change to any makes a
+    new file."""
     digest = hashlib.sha256(json.dumps({"format": DISK_FORMAT, "side": int(side),
                                         "resize": "torchvision Resize((side, side)), antialias, to uint8"}).encode())
     for ref in items.refs:
-        digest.update(str(ref).encode("utf-8") + b"\0")
+        try:
+            stat = os.stat(ref)
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except (OSError, ValueError):  # not a file of its own (an image inside a CIFAR batch file, say)
+            stamp = ""
+        digest.update(f"{ref}\0{stamp}\0".encode("utf-8"))
     digest.update(np.ascontiguousarray(items.labels, dtype=np.int64).tobytes())
     return digest.hexdigest()
 

@@ -231,6 +231,9 @@ def settings_of(record: CellRecord) -> Dict[str, Dict[str, Any]]:
     # A head setting added after a record was stored reads as its default
     # there, which computes what that record did (weight balancing's max_norm).
     head = {**head_defaults(record.head), **dict(record.params.get("head") or {})}
+    # A head setting named like a training setting (weight_decay, lws's epochs)
+    # is its own setting: kept under "head.<name>", not hidden by the other.
+    head = {f"head.{key}" if key in train else key: value for key, value in head.items()}
     return {
         "features": {"sha256": record.features_sha256},
         "head": {**head, **train},
