@@ -196,7 +196,7 @@ def _model(scorer, meta_prior):
 
 def test_a_saved_model_moves_its_logits_to_the_target_prior(tmp_path):
     scorer = torch.nn.Linear(2, 3)
-    prior = {"assumed": "uniform", "log_assumed": list(np.log([1 / 3] * 3)), "log_train": list(np.log([0.7, 0.2, 0.1])),
+    prior = {"assumed": "uniform", "log_assumed": list(np.log([1 / 3] * 3)), "train_counts": [70, 20, 10],
              "scores_are_probabilities": False}
     model = _model(scorer, prior)
     images = torch.randn(4, 1, 1, 2)

@@ -105,7 +105,7 @@ def test_weight_balancing_lifts_few_shot_accuracy_over_its_cross_entropy_base(ga
 # ---------------------------------------------------------------------------
 
 
-def _config(text: str, **kwargs):
+def _config(text: str):
     data, places = parse_yaml(textwrap.dedent(text).lstrip("\n"), source="sweep.yaml")
     return parse_config(data, source="sweep.yaml", _places=places)
 
@@ -150,22 +150,30 @@ def test_bad_vary_entries_name_their_place(text, place, message):
     assert place in str(error.value) and message in str(error.value)
 
 
+def _toy_sweep(tmp_path, settings: str, **data):
+    """A sweep config over a small Gaussian long-tailed file (``data``: its
+    shape) written to tmp_path/toy.h5, with ``settings`` (grid, vary, train)
+    and its database in tmp_path/results.db."""
+    feature_set, _ = gaussian_long_tailed(**data)
+    write_features(tmp_path / "toy.h5", feature_set)
+    return _config(f"features: [{tmp_path / 'toy.h5'}]\n" + textwrap.dedent(settings)
+                   + f"db: {tmp_path / 'results.db'}\n")
+
+
+def _records(tmp_path):
+    with ResultStore.open_existing(tmp_path / "results.db") as store:
+        return store.records()
+
+
 def test_a_swept_max_norm_is_labelled_and_chosen_on_val(tmp_path):
     """Cells that vary: tells apart are separate methods in tables, and the
     ranking that recommend and save-model use picks among them on val."""
-    feature_set, _ = gaussian_long_tailed(num_classes=12, dim=8, n_max=200, imbalance_factor=100,
-                                          n_val=8, n_test=15, seed=3)
-    write_features(tmp_path / "toy.h5", feature_set)
-    config = _config(f"""
-    features: [{tmp_path / 'toy.h5'}]
-    grid: {{head: [linear], loss: [class_balanced], seed: [0, 1]}}
-    vary: {{linear: {{max_norm: [0.2, 1.0, null]}}}}
-    train: {{epochs: 3}}
-    db: {tmp_path / 'results.db'}
-    """)
-    run_sweep(config)
-    with ResultStore.open_existing(tmp_path / "results.db") as store:
-        records = store.records()
+    run_sweep(_toy_sweep(tmp_path, """
+        grid: {head: [linear], loss: [class_balanced], seed: [0, 1]}
+        vary: {linear: {max_norm: [0.2, 1.0, null]}}
+        train: {epochs: 3}
+    """, num_classes=12, dim=8, n_max=200, imbalance_factor=100, n_val=8, n_test=15, seed=3))
+    records = _records(tmp_path)
     assert len(records) == 6
     heads = sorted({label["head"] for label in labelled_methods(records)})
     assert heads == ["linear (max_norm=0.2)", "linear (max_norm=1.0)", "linear (max_norm=null)"]
@@ -176,15 +184,10 @@ def test_a_swept_max_norm_is_labelled_and_chosen_on_val(tmp_path):
 
 
 def test_the_dry_run_labels_each_varied_cell_with_its_settings(tmp_path):
-    feature_set, _ = gaussian_long_tailed(num_classes=6, dim=4, n_max=50, imbalance_factor=10, n_val=4,
-                                          n_test=4, seed=1)
-    write_features(tmp_path / "toy.h5", feature_set)
-    config = _config(f"""
-    features: [{tmp_path / 'toy.h5'}]
-    grid: {{head: [linear, ncm], loss: [ce]}}
-    vary: {{linear: {{max_norm: [0.5, null]}}}}
-    db: {tmp_path / 'results.db'}
-    """)
+    config = _toy_sweep(tmp_path, """
+        grid: {head: [linear, ncm], loss: [ce]}
+        vary: {linear: {max_norm: [0.5, null]}}
+    """, num_classes=6, dim=4, n_max=50, imbalance_factor=10, n_val=4, n_test=4, seed=1)
     labels = [planned.label for planned in plan_sweep(config).pending]
     assert labels == ["toy / linear / ce / instance / seed 0 (max_norm=0.5)",
                       "toy / linear / ce / instance / seed 0 (max_norm=null)", "toy / ncm / seed 0"]
@@ -214,19 +217,12 @@ def test_a_head_setting_named_like_a_training_setting_still_tells_methods_apart(
     """The head's weight_decay (and lws's epochs) are not hidden by the
     training config's settings of the same name: varied, they are separate
     methods in tables and in the val ranking, never averaged as seeds."""
-    feature_set, _ = gaussian_long_tailed(num_classes=8, dim=6, n_max=80, imbalance_factor=10, n_val=6,
-                                          n_test=10, seed=4)
-    write_features(tmp_path / "toy.h5", feature_set)
-    config = _config(f"""
-    features: [{tmp_path / 'toy.h5'}]
-    grid: {{head: [linear, lws], loss: [ce]}}
-    vary: {{linear: {{weight_decay: [5.0e-4, 0.5]}}, lws: {{epochs: [1, 3]}}}}
-    train: {{epochs: 3}}
-    db: {tmp_path / 'results.db'}
-    """)
-    run_sweep(config)
-    with ResultStore.open_existing(tmp_path / "results.db") as store:
-        records = store.records()
+    run_sweep(_toy_sweep(tmp_path, """
+        grid: {head: [linear, lws], loss: [ce]}
+        vary: {linear: {weight_decay: [5.0e-4, 0.5]}, lws: {epochs: [1, 3]}}
+        train: {epochs: 3}
+    """, num_classes=8, dim=6, n_max=80, imbalance_factor=10, n_val=6, n_test=10, seed=4))
+    records = _records(tmp_path)
     labels = sorted(label["head"] for label in labelled_methods(records))
     assert labels == ["linear (head.weight_decay=0.0005)", "linear (head.weight_decay=0.5)",
                       "lws (head.epochs=1)", "lws (head.epochs=3)"]

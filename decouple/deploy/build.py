@@ -29,7 +29,7 @@ from decouple.provenance import file_sha256, jsonable, package_versions, utc_now
 from decouple.stage_one.backbones import create_backbone, embedding_dim, read_state_dict, state_dict_sha256
 from decouple.stage_one.finetune import data_config_for, seed_everything
 from decouple.stage_two.cells import CellResult
-from decouple.stage_two.priors import assumed_prior, named_log_prior
+from decouple.stage_two.priors import assumed_prior
 
 #: The keys of timm's data config a model file keeps as its preprocessing.
 PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -151,7 +151,7 @@ def preprocess_of(model: nn.Module, feature_set, config: Mapping[str, Any]) -> D
 
 def prior_meta(feature_set, result: CellResult) -> Dict[str, Any]:
     """What ``predict --target-prior`` needs (:mod:`decouple.stage_two.priors`):
-    the prior the head assumes and the training prior, as log probabilities,
+    the prior the head assumes, as log probabilities, the training counts
     and whether its scores are probabilities (knn) or logits."""
     head = result.fitted_head
     sampler_params = (result.params.get("sampler") or {}) if head.trainable else None
@@ -161,7 +161,7 @@ def prior_meta(feature_set, result: CellResult) -> Dict[str, Any]:
     return {
         "assumed": assumed.name,
         "log_assumed": [float(value) for value in assumed.log_probabilities],
-        "log_train": [float(value) for value in named_log_prior("train", feature_set.train_counts)],
+        "train_counts": [int(count) for count in feature_set.train_counts],
         "scores_are_probabilities": bool(head.scores_are_probabilities),
     }
 

@@ -15,7 +15,7 @@ from decouple.deploy.model_file import ModelFile, ModelFileError, PathLike, read
 from decouple.errors import DecoupleError, first_line
 from decouple.stage_one.backbones import create_backbone, embed
 from decouple.stage_one.finetune import make_transform
-from decouple.stage_two.priors import read_prior_file
+from decouple.stage_two.priors import target_log_prior
 from decouple.stage_two.scorers import rebuild_scorer
 
 
@@ -64,13 +64,7 @@ class DecoupleModel(nn.Module):
         if not isinstance(prior, dict) or "log_assumed" not in prior:
             raise DecoupleError("this model file records no assumed prior (saved before decouple had priors); "
                                 "save it again to use a target prior")
-        log_train = np.asarray(prior["log_train"], dtype=np.float64)
-        if target == "uniform":
-            log_target = np.full(len(self.class_names), -np.log(len(self.class_names)))
-        elif target == "train":
-            log_target = log_train
-        else:
-            log_target = read_prior_file(target, self.class_names)
+        log_target = target_log_prior(target, prior["train_counts"], self.class_names)
         shift = torch.tensor(log_target - np.asarray(prior["log_assumed"], dtype=np.float64), dtype=torch.float32)
         self.prior_shift = shift.to(self.temperature.device)
         return self

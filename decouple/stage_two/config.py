@@ -23,6 +23,8 @@ OPTIMIZERS = ("adam", "sgd", "adamw")
 DEFAULT_LR = {"adam": 0.07, "adamw": 0.07, "sgd": 0.1}
 #: Precisions of the fused trainer's matrix products (TrainConfig.precision).
 PRECISIONS = ("float32", "bfloat16", "auto")
+#: The priors a view names (``test_lt@train``): :mod:`decouple.stage_two.priors`.
+NAMED_PRIORS = ("uniform", "train")
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,9 @@ class TrainConfig:
                               f"got {self.views!r}")
         for view in views:
             split, at, prior = view.partition("@")
-            if not at or not split or prior not in ("uniform", "train"):
-                raise ConfigError(f"train setting views: {view!r} must be <split>@<prior> with prior uniform or "
-                                  f"train, e.g. test_lt@train")
+            if not at or not split or prior not in NAMED_PRIORS:
+                raise ConfigError(f"train setting views: {view!r} must be <split>@<prior> with prior "
+                                  f"{' or '.join(NAMED_PRIORS)}, e.g. test_lt@train")
         return replace(self, lr=float(lr), precision=self.resolved_precision(), views=tuple(dict.fromkeys(views)))
 
     def epochs_for(self, num_rows: int) -> int:

@@ -42,12 +42,11 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from decouple.errors import ConfigError, DataError
+from decouple.stage_two.config import NAMED_PRIORS  # the named priors; any other target is a file of weights
 from decouple.stage_two.losses import LOSSES
 from decouple.stage_two.losses import log_prior as train_log_prior
 from decouple.stage_two.samplers import create_sampler
 
-#: Named priors; anything else given as a target is a file of class weights.
-NAMED_PRIORS = ("uniform", "train")
 
 
 @dataclass(frozen=True)

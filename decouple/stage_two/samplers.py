@@ -116,10 +116,15 @@ class ClassSampler(Sampler[int]):
             len(self.labels) if num_samples is None else _check_int("num_samples", num_samples, 1)
         )
         self.epoch = 0
-        self.class_counts = np.bincount(self.labels, minlength=self.num_classes)
-        # Row indices grouped by class: class c's rows are
-        # _order[_starts[c] : _starts[c] + class_counts[c]].
-        self._order = np.argsort(self.labels, kind="stable")
+        self._index_labels(self.labels)
+
+    def _index_labels(self, labels: np.ndarray) -> None:
+        """Draw from ``labels`` (N,): their class counts, and the row indices
+        grouped by class (class c's rows are
+        _order[_starts[c] : _starts[c] + class_counts[c]])."""
+        self.labels = labels
+        self.class_counts = np.bincount(labels, minlength=self.num_classes)
+        self._order = np.argsort(labels, kind="stable")
         self._starts = np.concatenate([[0], np.cumsum(self.class_counts)[:-1]])
 
     def set_epoch(self, epoch: int) -> None:
@@ -518,10 +523,7 @@ class CalibratedFeatureSampler(InstanceSampler):
     def _extend(self, synthetic_labels: np.ndarray) -> None:
         """Make ``labels`` the real then the synthetic labels, and the epoch
         draws range over all of them."""
-        self.labels = np.concatenate([self.real_labels, synthetic_labels])
-        self.class_counts = np.bincount(self.labels, minlength=self.num_classes)
-        self._order = np.argsort(self.labels, kind="stable")
-        self._starts = np.concatenate([[0], np.cumsum(self.class_counts)[:-1]])
+        self._index_labels(np.concatenate([self.real_labels, synthetic_labels]))
         if self.num_samples_given is None:
             self.num_samples = len(self.labels)
 
