@@ -13,7 +13,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: test demo venv clean benchmarks
+.PHONY: test demo venv clean benchmarks study-tiny
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ test: $(VENV)/.installed-test
 
 demo: venv
 	$(VENV)/bin/decouple demo --out demo_out
+
+# The study's design (configs/study_grid.yaml) in about a minute on 2 cores: two tiny
+# backbones x two losses x {balanced, imbalance 100} on the CIFAR-10 JPEGs of ../shared/data,
+# then its tables. One torch thread: faster on cores other work shares.
+study-tiny: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/decouple sweep configs/study_tiny.yaml
+	$(VENV)/bin/decouple export --db results/study_tiny.db --layout study
 
 benchmarks: $(VENV)/.installed-test
 	$(PY) benchmarks/stage_two.py

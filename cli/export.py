@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import click
 
 FORMATS = ("csv", "markdown", "latex", "json", "html")
+LAYOUTS = ("default", "study")
 
 
 def _split_commas(values: Sequence[str]) -> Optional[list]:
@@ -18,6 +19,13 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
 @click.option("--db", default="results.db", show_default=True, metavar="FILE", help="Results database of a sweep.")
 @click.option("--format", "format_", type=click.Choice(FORMATS), default="markdown", show_default=True)
 @click.option("--out", "-o", default=None, metavar="FILE", help="Write here (atomically) instead of stdout.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="default", show_default=True,
+              help="study: one table per (backbone, training profile), one row per method (the stage-one method "
+                   "for the fine-tuned network's own head), and for balanced test, long-tailed test, head, middle "
+                   "and tail the test NLL (T = 1), top-1 and macro-F1, mean ± std over seeds (no ± for end-to-end "
+                   "and training-free rows), then (markdown, latex, html) the recorded stage-one runs; --plots "
+                   "then draws tail against balanced accuracy per backbone. It takes no --metrics, --splits, "
+                   "--rows, --cells or --ci.")
 @click.option("--summary/--cells", default=None,
               help="Summary table (mean ± std over seeds per method) or one row per cell and split. "
                    "Default: per cell for csv and json, summary for markdown, latex and html.")
@@ -25,7 +33,8 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
               help="Table columns, comma-separated: top1, top5, macro_f1, mean_class_acc, many, medium, few, "
                    "many_f1, medium_f1, few_f1 (mean per-class F1 of each group), "
                    "ece, nll (calibration after temperature scaling fitted on val; lower is better; "
-                   "NLL in nats, never in %), ece_raw, nll_raw (the same before scaling) "
+                   "NLL in nats, never in %), ece_raw, nll_raw (the same before scaling), "
+                   "many_nll, medium_nll, few_nll (NLL at T = 1 over each group's images) "
                    "[default: top1,macro_f1,many,medium,few].")
 @click.option("--splits", multiple=True, metavar="LIST",
               help="Evaluated splits, comma-separated, e.g. test,test_lt [default: every split but val].")
@@ -53,6 +62,7 @@ def _split_commas(values: Sequence[str]) -> Optional[list]:
 def export(
     db: str,
     format_: str,
+    layout: str,
     out: Optional[str],
     summary: Optional[bool],
     metrics: Tuple[str, ...],
@@ -74,8 +84,8 @@ def export(
     """Tables and plots from a sweep's results database."""
     from decouple.errors import DecoupleError
     from decouple.atomic import write_text_atomic
-    from decouple.study.export import render
-    from decouple.study.store import load_records
+    from decouple.study.layouts import render
+    from decouple.study.store import ResultStore, load_records
 
     records = load_records(
         db,
@@ -85,10 +95,15 @@ def export(
         samplers=samplers or None,
         seeds=seeds or None,
         # Per-image predictions: what --ci resamples, and part of a cell in the per-cell JSON.
-        predictions=ci or (format_ == "json" and not summary),  # summary None: json defaults to per cell
+        # summary None: json defaults to per cell; the study layout never uses predictions.
+        predictions=layout == "default" and (ci or (format_ == "json" and not summary)),
     )
     if not records:
         raise DecoupleError(f"{db}: no cells match the selection (--features/--head/--loss/--sampler/--seed)")
+    runs = []
+    if layout == "study":
+        with ResultStore.open_existing(db) as store:
+            runs = store.runs()
     text = render(
         records,
         format=format_,
@@ -102,11 +117,16 @@ def export(
         resamples=resamples,
         ci_seed=ci_seed,
         confidence=confidence,
+        layout=layout,
+        runs=runs,
     )
     if plots_dir is not None:
-        from decouple.study.plots import export_plots
+        from decouple.study.plots import export_plots, export_study_plots
 
-        written = export_plots(records, plots_dir, splits=_split_commas(splits), rows=_split_commas(rows))
+        if layout == "study":
+            written = export_study_plots(records, plots_dir)
+        else:
+            written = export_plots(records, plots_dir, splits=_split_commas(splits), rows=_split_commas(rows))
         click.echo(f"wrote {len(written)} plot files to {plots_dir}", err=True)
     if out is None:
         click.echo(text, nl=False)

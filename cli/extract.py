@@ -45,6 +45,11 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
               help="Start from a local state dict: timm keys, or a same-architecture checkpoint matched by position.")
 @click.option("--imbalance", type=float, default=None, metavar="IF",
               help="Subsample train on the exponential profile n_i = n_max*(1/IF)^(i/(C-1)) (Cao et al. 2019).")
+@click.option("--train-profile", type=click.Choice(["long_tailed", "balanced"]), default="long_tailed",
+              show_default=True,
+              help="balanced: the balanced sibling of the --imbalance profile (same --seed, --n-max): its val, "
+                   "test and test_lt, n_max training images per class (a superset of its train), and its "
+                   "training counts stored as /train/reference_counts, from which the shot groups come.")
 @click.option("--n-max", type=int, default=None,
               help="Head-class count of the profile (default: the largest that leaves --val-per-class for val).")
 @click.option("--val-per-class", type=int, default=20, show_default=True,
@@ -87,13 +92,15 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
 @click.option("--sampler", default="instance", show_default=True, help="A stage-two sampler (decouple list).")
 @click.option("--sampler-param", multiple=True, metavar="KEY=VALUE", help="A sampler parameter, repeatable.")
 @click.option("--workers", type=int, default=None, help="Loader processes (default 0 on CPU, up to 8 per GPU).")
-@click.option("--cache-images", type=click.Choice(["off", "memory", "disk", "device"]), default="off",
+@click.option("--cache-images", type=click.Choice(["auto", "off", "memory", "disk", "device"]), default="auto",
               show_default=True,
               help="Decode and resize every training image once, to uint8 in RAM (memory), in a file beside the "
                    "checkpoint that a rerun reuses (disk) or in the training device's memory (device), and augment "
-                   "whole batches there (pad, crop, flip, normalise) "
-                   "instead of decoding every image every epoch. Inputs of 64 px or less (the pad-and-crop "
-                   "recipe) so far; another draw of the same augmentation, so not the same numbers as off.")
+                   "whole batches there (pad-and-crop or random-resized crop, flip, colour jitter, normalise) "
+                   "instead of decoding every image every epoch (off). auto: for inputs of 64 px or less, memory "
+                   "when the images fit in a quarter of RAM, else disk; off above 64 px until a full run checks "
+                   "the cached random-resized crop. Another draw of the same augmentation, so not the same "
+                   "numbers as off.")
 @click.option("--views", type=int, default=0, show_default=True,
               help="Also store K augmented embeddings per training image (/train/views).")
 @click.option("--dtype", default="float16", show_default=True, help="float16 or float32 features.")

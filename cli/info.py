@@ -54,7 +54,14 @@ def info(path: str, groups: str, many_threshold: int, few_threshold: int, as_jso
     lines.append(
         f"training counts: max {counts['max']}, min {counts['min']}, "
         f"imbalance factor {counts['imbalance_factor']:.1f}"
+        + (f" (train profile {summary['train_profile']})" if summary.get("train_profile") else "")
     )
+    reference = summary.get("reference_counts")
+    if reference is not None:
+        lines.append(
+            f"reference counts: max {reference['max']}, min {reference['min']} "
+            f"({reference['source'] or 'no source recorded'}); the shot groups come from them"
+        )
     if groups == "thirds":
         lines.append(
             f"shot groups (thirds of the classes by training count): many {sizes['many']}, "

@@ -8,6 +8,13 @@ Layout (DESIGN.md)::
     /<split>/labels     integer, (N,), values in [0, C)
     /train/views        optional, (N, K, D): K augmented embeddings of each
                         training image (``decouple extract --views K``)
+    /train/reference_counts  optional, int64 (C,): the training counts of the
+                        long-tailed profile the run belongs to (attribute
+                        ``source``, one line naming it); the many / medium /
+                        few groups come from them when present
+    /classifier/weight  optional, float32 (C, D), and /classifier/bias (C,):
+                        the fine-tuned network's own linear classifier on
+                        these embeddings (:class:`Classifier`)
 
 Readers load features and labels and ignore any other dataset of a split.
 Reading validates everything at the boundary and raises
@@ -35,6 +42,8 @@ from decouple.metrics import shot_groups
 FORMAT = "decouple-features"
 VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
+#: Top-level groups that are not splits: the network's own classifier.
+NOT_SPLITS = ("classifier",)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -54,6 +63,24 @@ class Split:
 
 
 @dataclass
+class Classifier:
+    """The fine-tuned network's own classifier, /classifier of a feature file:
+    logits = features @ weight.T + bias, ``weight`` (C, D) and ``bias`` (C,)
+    float32. ``decouple extract`` writes it when the network's classifier is
+    an ``nn.Linear`` on the embedding it stores. ``loss`` and ``sampler``:
+    the stage-one loss and sampler it was trained with (``sampler_params``,
+    ``epochs`` as run); ``trained`` is False for a frozen run (epochs 0)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    loss: str
+    sampler: str
+    trained: bool
+    sampler_params: Dict[str, Any] = field(default_factory=dict)
+    epochs: int = 0
+
+
+@dataclass
 class FeatureSet:
     """A feature file in memory: class names, splits in order, extra attributes."""
 
@@ -62,6 +89,10 @@ class FeatureSet:
     backbone: str = "unknown"
     attrs: Dict[str, Any] = field(default_factory=dict)
     path: Optional[str] = None
+    reference_counts: Optional[np.ndarray] = None
+    reference_source: Optional[str] = None
+    #: The fine-tuned network's own classifier, where the file has one.
+    classifier: Optional[Classifier] = None
 
     @property
     def num_classes(self) -> int:
@@ -77,13 +108,21 @@ class FeatureSet:
         return np.bincount(self.splits["train"].labels, minlength=self.num_classes)
 
     @property
+    def group_counts(self) -> np.ndarray:
+        """The counts (C,) the many / medium / few groups come from: the reference
+        profile's where the file has them, else the training counts (losses and
+        samplers always use :attr:`train_counts`)."""
+        return self.train_counts if self.reference_counts is None else self.reference_counts
+
+    @property
     def eval_splits(self) -> List[str]:
         """Every split other than train, in file order."""
         return [name for name in self.splits if name != "train"]
 
 
 def _ordered(names: Iterable[str]) -> List[str]:
-    names = list(names)
+    """The split names among ``names`` (top-level groups), in split order."""
+    names = [name for name in names if name not in NOT_SPLITS]
     head = [name for name in SPLIT_ORDER if name in names]
     return head + sorted(name for name in names if name not in SPLIT_ORDER)
 
@@ -146,7 +185,7 @@ def read_features(
         backbone = str(attrs.pop("backbone", "unknown"))
         wanted = _ordered(handle)
         if splits is not None:
-            missing = [name for name in splits if name not in handle]
+            missing = [name for name in splits if name not in _ordered(handle)]
             if missing:
                 raise FeatureFileError(
                     f"{path}: no /{missing[0]} split; the file holds {', '.join(_ordered(handle))}"
@@ -164,8 +203,54 @@ def read_features(
                     f"{path}: /{name}/features must have D = {dim} columns like /train; got {split_dim}"
                 )
             loaded[name].features = loaded[name].features.astype(dtype, copy=False)
+        reference = _read_reference_counts(path, handle, num_classes)
+        classifier = _read_classifier(path, handle, num_classes, dim)
     _check_every_class_trains(path, loaded["train"].labels, class_names)
-    return FeatureSet(class_names=class_names, splits=loaded, backbone=backbone, attrs=attrs, path=str(path))
+    return FeatureSet(class_names=class_names, splits=loaded, backbone=backbone, attrs=attrs, path=str(path),
+                      reference_counts=None if reference is None else reference[0],
+                      reference_source=None if reference is None else reference[1], classifier=classifier)
+
+
+def read_classifier(path: PathLike) -> Optional[Classifier]:
+    """The fine-tuned network's own classifier of a feature file (/classifier,
+    checked against the file's classes and /train/features), or None where
+    the file has none."""
+    path = Path(path)
+    with _open_for_reading(path) as handle:
+        _, class_names = _read_header(path, handle)
+        train = _split_group(path, handle, "train", ("features",))
+        return _read_classifier(path, handle, len(class_names), int(train["features"].shape[-1]))
+
+
+def _read_classifier(path: Path, handle: Any, num_classes: int, dim: int) -> Optional[Classifier]:
+    """/classifier as a :class:`Classifier`, or None where the file has none."""
+    if "classifier" not in handle:
+        return None
+    group = handle["classifier"]
+    arrays = {}
+    for name, shape in (("weight", (num_classes, dim)), ("bias", (num_classes,))):
+        dataset = group.get(name) if isinstance(group, h5py.Group) else None
+        if not isinstance(dataset, h5py.Dataset) or dataset.shape != shape or dataset.dtype.kind != "f":
+            got = "missing" if not isinstance(dataset, h5py.Dataset) else f"{dataset.dtype} {dataset.shape}"
+            raise FeatureFileError(f"{path}: /classifier/{name} must be float {shape} (C classes, D columns of "
+                                   f"/train/features); got {got}")
+        arrays[name] = dataset[()].astype(np.float32)
+        if not np.isfinite(arrays[name]).all():
+            raise FeatureFileError(f"{path}: /classifier/{name} must be finite; it holds NaN or inf")
+    attrs = {key: _decode(group.attrs[key]) for key in group.attrs}
+    for key in ("loss", "sampler"):
+        if not isinstance(attrs.get(key), str) or not attrs[key]:
+            raise FeatureFileError(f"{path}: /classifier attribute {key} must name the stage-one {key}; "
+                                   f"got {attrs.get(key)!r}")
+    try:
+        sampler_params = json.loads(attrs.get("sampler_params") or "{}")
+    except ValueError:
+        sampler_params = None
+    if not isinstance(sampler_params, dict):
+        raise FeatureFileError(f"{path}: /classifier attribute sampler_params must be a JSON object")
+    return Classifier(weight=arrays["weight"], bias=arrays["bias"], loss=attrs["loss"], sampler=attrs["sampler"],
+                      trained=bool(attrs.get("trained", True)), sampler_params=sampler_params,
+                      epochs=int(attrs.get("epochs", 0)))
 
 
 def _read_header(path: Path, handle: Any) -> Tuple[Dict[str, Any], List[str]]:
@@ -220,6 +305,40 @@ def read_train_counts(path: PathLike) -> np.ndarray:
             ) from None
     _check_label_range(path, "train", labels, len(class_names))
     return _check_every_class_trains(path, labels, class_names)
+
+
+def read_attrs(path: PathLike) -> Dict[str, Any]:
+    """The attributes of / of a feature file (backbone, train_profile, config,
+    ...; without format, version and class_names), reading only its header."""
+    path = Path(path)
+    with _open_for_reading(path) as handle:
+        attrs, _ = _read_header(path, handle)
+    return attrs
+
+
+def read_reference_counts(path: PathLike) -> Optional[np.ndarray]:
+    """/train/reference_counts (C,) of a feature file, or None where it has none."""
+    path = Path(path)
+    with _open_for_reading(path) as handle:
+        _, class_names = _read_header(path, handle)
+        reference = _read_reference_counts(path, handle, len(class_names))
+    return None if reference is None else reference[0]
+
+
+def _read_reference_counts(path: Path, handle: Any, num_classes: int) -> Optional[Tuple[np.ndarray, str]]:
+    """(counts (C,) int64, source) of /train/reference_counts, checked; None where absent."""
+    group = handle["train"]
+    if not isinstance(group, h5py.Group) or "reference_counts" not in group:
+        return None
+    dataset = group["reference_counts"]
+    counts = dataset[()] if dataset.shape == (num_classes,) and dataset.dtype.kind in ("i", "u") else None
+    if counts is None or (counts < 0).any():
+        raise FeatureFileError(
+            f"{path}: /train/reference_counts must be ({num_classes},) non-negative integers (the reference "
+            f"profile's training counts); got shape {dataset.shape} {dataset.dtype}"
+            + ("" if counts is None else f", min {counts.min()}")
+        )
+    return counts.astype(np.int64), str(_decode(dataset.attrs.get("source", "")))
 
 
 def _split_group(path: Path, handle: Any, name: str, fields: Sequence[str]) -> Any:
@@ -350,7 +469,7 @@ class FeatureWriter:
 
     def create_split(self, name: str, *, n: int, dim: int) -> None:
         """Create empty /name/features (n, dim) and /name/labels (n,)."""
-        group = self._handle.create_group(name)
+        group = self._handle.require_group(name)  # /train may already hold reference_counts
         group.create_dataset("features", shape=(n, dim), dtype=self.dtype)
         group.create_dataset("labels", shape=(n,), dtype=np.int64)
 
@@ -376,6 +495,29 @@ class FeatureWriter:
         """Write rows [start, start + len(features)) of view ``view`` of /name/views."""
         stop = start + len(features)
         self._handle[name]["views"][start:stop, view, :] = np.asarray(features, dtype=self.dtype)
+
+    def write_reference_counts(self, counts: np.ndarray, *, source: str) -> None:
+        """/train/reference_counts (C,) int64 with attribute ``source`` (one line naming the profile)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (len(self.class_names),) or (counts < 0).any():
+            raise FeatureFileError(
+                f"{self.path}: /train/reference_counts must be ({len(self.class_names)},) non-negative integers; "
+                f"got shape {counts.shape}"
+            )
+        dataset = self._handle.require_group("train").create_dataset("reference_counts", data=counts)
+        dataset.attrs["source"] = source
+
+    def write_classifier(self, classifier: Classifier) -> None:
+        """Write /classifier/weight (C, D) and /classifier/bias (C,) float32 with
+        the attributes loss, sampler, trained, sampler_params (JSON) and epochs."""
+        group = self._handle.create_group("classifier")
+        group.create_dataset("weight", data=np.asarray(classifier.weight, dtype=np.float32))
+        group.create_dataset("bias", data=np.asarray(classifier.bias, dtype=np.float32))
+        group.attrs["loss"] = classifier.loss
+        group.attrs["sampler"] = classifier.sampler
+        group.attrs["trained"] = bool(classifier.trained)
+        group.attrs["sampler_params"] = json.dumps(classifier.sampler_params, sort_keys=True, default=str)
+        group.attrs["epochs"] = int(classifier.epochs)
 
     def write_split(self, name: str, features: np.ndarray, labels: np.ndarray,
                     fingerprints: Optional[np.ndarray] = None) -> None:
@@ -429,6 +571,10 @@ def write_features(path: PathLike, feature_set: FeatureSet, *, dtype: Any = np.f
         for name in _ordered(feature_set.splits):
             split = feature_set.splits[name]
             writer.write_split(name, split.features, split.labels, split.fingerprints)
+        if feature_set.reference_counts is not None:
+            writer.write_reference_counts(feature_set.reference_counts, source=feature_set.reference_source or "")
+        if feature_set.classifier is not None:
+            writer.write_classifier(feature_set.classifier)
     return Path(path)
 
 
@@ -437,9 +583,13 @@ def summarize(
 ) -> Dict[str, Any]:
     """What ``decouple info`` prints: per-split N and D, class count, training
     count statistics and the size of each shot group (by rule ``groups``,
-    :func:`decouple.metrics.shot_groups`)."""
+    :func:`decouple.metrics.shot_groups`, on :attr:`FeatureSet.group_counts`),
+    and the reference counts with their source where the file has them."""
     counts = feature_set.train_counts
-    members = shot_groups(counts, rule=groups, many_threshold=many_threshold, few_threshold=few_threshold)
+    members = shot_groups(
+        feature_set.group_counts, rule=groups, many_threshold=many_threshold, few_threshold=few_threshold
+    )
+    reference = feature_set.reference_counts
     return {
         "path": feature_set.path,
         "backbone": feature_set.backbone,
@@ -455,4 +605,12 @@ def summarize(
         },
         "groups": {name: int(len(indices)) for name, indices in members.items()},
         "group_rule": groups,
+        "group_counts": "train" if reference is None else "reference",
+        "reference_counts": None if reference is None else {
+            "source": feature_set.reference_source,
+            "max": int(reference.max()),
+            "min": int(reference.min()),
+            "counts": [int(count) for count in reference],
+        },
+        "train_profile": feature_set.attrs.get("train_profile"),
     }

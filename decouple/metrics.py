@@ -194,8 +194,10 @@ def evaluate(
     :func:`shot_groups`; None when the group is empty), the
     calibration of softmax(scores) (:mod:`decouple.calibration`): nll_raw
     and ece_raw at T = 1, nll and ece at ``temperature`` (the same when it
-    is 1; all None for an empty split), and per_class accuracy (a list with
-    None for classes absent from the split).
+    is 1; all None for an empty split), many_nll / medium_nll / few_nll (the
+    NLL at T = 1 over the split's samples of that group's classes,
+    :func:`group_nll`), and per_class accuracy (a list with None for
+    classes absent from the split).
 
     ``labels`` (N,), ``scores`` (N, C), ``train_counts`` (C,).
     """
@@ -219,20 +221,35 @@ def evaluate(
         result[name] = group_mean(class_accuracy, groups[name])
     for name in GROUPS:
         result[f"{name}_f1"] = group_mean(class_f1, groups[name])
-    result.update(_calibration(labels, scores, temperature))
+    result.update(_calibration(labels, scores, temperature, groups))
     per_class: List[Optional[float]] = [_none_if_nan(value) for value in class_accuracy]
     result["per_class"] = per_class
     return result
 
 
-def _calibration(labels: np.ndarray, scores: np.ndarray, temperature: float) -> Dict[str, Optional[float]]:
-    """nll_raw, ece_raw (T = 1) and nll, ece (at ``temperature``); None for no
-    rows, or for scores that are no logits (NaN, +inf: a diverged head)."""
+def group_nll(labels: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Optional[float]:
+    """Mean negative log-likelihood of softmax(scores) at T = 1 over the rows
+    whose label is in ``classes`` (a mean over images, as nll_raw is over
+    the split); None when no row is. ``labels`` (N,), ``scores`` (N, C)."""
+    rows = np.isin(np.asarray(labels), classes)
+    if not rows.any():
+        return None
+    return negative_log_likelihood(np.asarray(labels)[rows], np.asarray(scores)[rows])
+
+
+def _calibration(
+    labels: np.ndarray, scores: np.ndarray, temperature: float, groups: Dict[str, np.ndarray]
+) -> Dict[str, Optional[float]]:
+    """nll_raw, ece_raw (T = 1), nll, ece (at ``temperature``) and the NLL of
+    each shot group at T = 1 (<group>_nll); None for no rows, or for scores
+    that are no logits (NaN, +inf: a diverged head)."""
     if len(labels) == 0 or not calibratable(scores):
-        return {"nll_raw": None, "ece_raw": None, "nll": None, "ece": None}
+        return {"nll_raw": None, "ece_raw": None, "nll": None, "ece": None,
+                **{f"{name}_nll": None for name in GROUPS}}
     raw = {
         "nll_raw": negative_log_likelihood(labels, scores),
         "ece_raw": expected_calibration_error(labels, scores),
+        **{f"{name}_nll": group_nll(labels, scores, groups[name]) for name in GROUPS},
     }
     if float(temperature) == 1.0:
         return {**raw, "nll": raw["nll_raw"], "ece": raw["ece_raw"]}

@@ -84,7 +84,7 @@ def test_info_prints_splits_counts_and_groups(gaussian_features):
 def test_list_prints_one_line_per_entry():
     lines = _run(["list", "heads"]).splitlines()
     assert [line.split()[0] for line in lines] == [
-        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn"]
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn", "finetuned"]
     assert len(_run(["list", "losses"]).splitlines()) == 9
     assert [line.split()[0] for line in _run(["list", "samplers"]).splitlines()] == [
         "instance", "class_balanced", "square_root", "progressive", "calibrated_features"]

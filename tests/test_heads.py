@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from decouple.errors import ConfigError, UnknownNameError
+from decouple.features import Classifier
 from decouple.stage_two.heads import DEFAULT_TAUS, HEADS, create_head, list_heads
 from decouple.stage_two.config import TrainConfig
 
@@ -18,12 +19,20 @@ def _fit(name, feature_set, head=None, **params):
     if head.trainable:
         return head.fit(train.features, train.labels, X_val=val.features, y_val=val.labels,
                         loss="balanced_softmax", train=FAST)
-    return head.fit(train.features, train.labels)
+    return head.fit(train.features, train.labels, classifier=_nearest_mean_classifier(feature_set))
+
+
+def _nearest_mean_classifier(feature_set):
+    """A linear classifier as stage one would store one (for finetuned): nearest class mean by L2."""
+    train = feature_set.splits["train"]
+    means = np.stack([train.features[train.labels == c].mean(axis=0) for c in range(feature_set.num_classes)])
+    return Classifier(weight=means.astype(np.float32), bias=(-0.5 * (means ** 2).sum(axis=1)).astype(np.float32),
+                      loss="ce", sampler="instance", trained=True)
 
 
 def test_registry_lists_the_heads():
     assert [name for name, _ in list_heads()] == [
-        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn"]
+        "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign", "ncm", "knn", "finetuned"]
     assert all(description for _, description in list_heads())
     assert {name for name in HEADS if HEADS.get(name).trainable} == {
         "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign"}

@@ -278,16 +278,20 @@ def test_a_name_that_is_loss_and_sampler_gets_only_its_role_settings():
     assert params == {"ce": {}, "class_balanced": {"class_balanced": {"beta": 0.99}}}
 
 
-@pytest.mark.parametrize("name, cells", [("cifar10_lt.yaml", 6 * 9 * 5 * 3 + 2 * 3), ("study_grid.yaml", 8 * 3 * (7 + 1))])
+# study_grid: 4 backbones x 7 losses x 2 profiles stage-one files, each with
+# finetuned, linear x (ce, balanced_softmax) and ncm, for 3 seeds.
+@pytest.mark.parametrize("name, cells", [("cifar10_lt.yaml", 6 * 9 * 5 * 3 + 2 * 3),
+                                         ("study_grid.yaml", 4 * 7 * 2 * 3 * (1 + 2 + 1))])
 def test_shipped_configs_are_valid(name, cells):
     config = load_config(ROOT / "configs" / name)
     assert len(config.cells()) == cells
     if name == "study_grid.yaml":
-        assert {spec.backbone for spec in config.features} == {
+        assert {spec.backbone for spec in config.feature_specs()} == {
             "mobilenetv2_100", "resnetv2_50", "convnext_base", "vit_base_patch16_224"}
-        assert {spec.tags["trained_on"] for spec in config.features} == {"balanced", "long_tailed"}
-        assert set(config.losses) == {"ce", "focal", "weighted_ce", "class_balanced", "balanced_softmax",
-                                      "equalization", "ldam"}
+        assert {spec.tags["profile"] for spec in config.feature_specs()} == {"balanced", "imbalance 100"}
+        assert {spec.tags["stage_one_loss"] for spec in config.feature_specs()} == {
+            "ce", "focal", "weighted_ce", "class_balanced", "balanced_softmax", "equalization", "ldam"}
+        assert config.stage_one.finetune["pretrained"] is True
 
 
 # ---------------------------------------------------------------------------
@@ -509,7 +513,7 @@ def test_head_takes_loss_follows_each_head_class():
 
     assert [name for name in HEADS.names() if head_takes_loss(name)] == [
         "linear", "cosine", "tau_norm", "posthoc_la", "lws", "disalign"]
-    assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn"]
+    assert [name for name in HEADS.names() if not head_takes_loss(name)] == ["ncm", "knn", "finetuned"]
     assert Head.trainable is False  # a new head takes no loss unless its class says so
 
 

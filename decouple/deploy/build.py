@@ -29,7 +29,6 @@ from decouple.provenance import file_sha256, jsonable, package_versions, utc_now
 from decouple.stage_one.backbones import create_backbone, embedding_dim, read_state_dict, state_dict_sha256
 from decouple.stage_one.finetune import data_config_for, seed_everything
 from decouple.stage_two.cells import CellResult
-from decouple.stage_two.priors import assumed_prior
 
 #: The keys of timm's data config a model file keeps as its preprocessing.
 PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -156,8 +155,8 @@ def prior_meta(feature_set, result: CellResult) -> Dict[str, Any]:
     head = result.fitted_head
     sampler_params = (result.params.get("sampler") or {}) if head.trainable else None
     epochs = int((result.params.get("train") or {}).get("epochs") or 1)
-    assumed = assumed_prior(head, result.loss, result.sampler, feature_set.train_counts,
-                            sampler_params=sampler_params, total_epochs=epochs)
+    assumed = head.assumed_prior(result.loss, result.sampler, feature_set.train_counts,
+                                 sampler_params=sampler_params, total_epochs=epochs)
     return {
         "assumed": assumed.name,
         "log_assumed": [float(value) for value in assumed.log_probabilities],

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from decouple.atomic import commit
 from decouple.errors import ConfigError, DecoupleError, first_line
-from decouple.features import FeatureWriter
+from decouple.features import Classifier, FeatureWriter
 from decouple.provenance import jsonable, package_versions
 from decouple.split_health import check_file
 from decouple.stage_one.backbones import (
@@ -119,12 +119,14 @@ class ExtractResult:
 # --------------------------------------------------------------------------- naming
 
 
-def default_run_name(data: str, backbone: str, imbalance: Optional[float]) -> str:
-    """``<data folder>_<backbone>[_lt<IF>]``, filesystem-safe."""
+def default_run_name(data: str, backbone: str, imbalance: Optional[float], train_profile: str = "long_tailed") -> str:
+    """``<data folder>_<backbone>[_lt<IF>]`` (``_balanced_lt<IF>`` for the balanced
+    sibling of that profile), filesystem-safe."""
     stem = Path(os.path.abspath(data)).name
     if Path(data).suffix.lower() in (".csv", ".txt"):
         stem = Path(data).stem
-    name = f"{stem}_{backbone}" + (f"_lt{imbalance:g}" if imbalance is not None else "")
+    balanced = "_balanced" if train_profile == "balanced" else ""
+    name = f"{stem}_{backbone}" + (f"{balanced}_lt{imbalance:g}" if imbalance is not None else "")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -133,7 +135,9 @@ def output_paths(config: ExtractConfig) -> Dict[str, Path]:
     if config.out:
         out = Path(config.out)
     else:
-        run = config.run or default_run_name(config.data, config.backbone, config.split.imbalance)
+        run = config.run or default_run_name(
+            config.data, config.backbone, config.split.imbalance, config.split.train_profile
+        )
         out = Path(config.features_dir) / f"{run}.h5"
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     manifest = out.with_name(f"{stem}.manifest.csv")
@@ -260,6 +264,7 @@ def _manifest_attr(manifest: Manifest, manifest_path: Path) -> Dict[str, Any]:
         }
     )
     summary.pop("class_names", None)
+    summary.pop("reference_counts", None)  # /train/reference_counts holds them
     if len(json.dumps(summary, default=str)) > 60000:  # HDF5 attributes stop at 64 KiB
         summary.pop("counts", None)
     return summary
@@ -307,13 +312,18 @@ def run_extract(config: ExtractConfig, *, log: Callable[[str], None] = print) ->
         if dist.device.type == "cuda" and ft_config.channels_last:
             model.to(memory_format=torch.channels_last)
         dim = embedding_dim(model)
+        classifier = own_classifier(
+            model, next(iter(manifest.splits.values())), make_transform(data_config, is_training=False), ft_config,
+            device=dist.device, say=say,
+        ) if dist.is_main else None
         resolved = _resolved_config(config, ft_config, img_size=img_size, world_size=dist.world_size, workers=workers)
         attrs = _feature_attrs(config, manifest, model, weights, history, resolved=resolved, manifest_path=paths["manifest"])
         embed_rows = functools.partial(
             embed_split, model, dist=dist, batch_size=config.eval_batch_size or 2 * ft_config.batch_size,
             workers=workers, amp=ft_config.amp, channels_last=ft_config.channels_last,
         )
-        _write_features(config, manifest, data_config, embed_rows, dim=dim, attrs=attrs, dist=dist, paths=paths, say=say)
+        _write_features(config, manifest, data_config, embed_rows, dim=dim, attrs=attrs, dist=dist, paths=paths, say=say,
+                        classifier=classifier)
         if dist.is_main:
             _warn_leaky_splits(paths["out"], say)
         dist.barrier()
@@ -378,6 +388,12 @@ def _make_manifest(config: ExtractConfig, log: Callable[[str], None]) -> Manifes
         for split, absent in (groups.get("classes_missing") or {}).items():
             log(f"warning: {split} has no image of {len(absent)} class(es) ({', '.join(absent[:5])}"
                 f"{', ...' if len(absent) > 5 else ''}): their images are in too few groups to spare one")
+    short = manifest.info.get("profile", {}).get("short_classes")
+    if short:
+        log(f"warning: balanced train: {len(short)} class(es) have fewer than n_max images left and keep them all "
+            f"({', '.join(short[:5])}{', ...' if len(short) > 5 else ''})")
+    if manifest.train_profile == "balanced":
+        log(f"balanced train; shot groups from the reference counts of the {manifest.reference_source}")
     skipped = manifest.info.get("skipped_images", [])
     if skipped:
         listing = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
@@ -426,7 +442,62 @@ def _feature_attrs(
         "img_size": resolved["img_size"],
         "views": config.views,
         "history": json.dumps([asdict(row) for row in history]),
+        "train_profile": config.split.train_profile,
     }
+
+
+#: Images of the first batch on which the network's own classifier is checked.
+CLASSIFIER_CHECK_IMAGES = 8
+
+
+def _as_linear(head: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(weight (C, D), bias (C,)) of a classifier that is one affine map of
+    the embedding: an ``nn.Linear``, or a 1 x 1 ``nn.Conv2d`` on the pooled
+    embedding (timm's ResNetV2 head); else None."""
+    if isinstance(head, nn.Linear):
+        weight = head.weight
+    elif isinstance(head, nn.Conv2d) and tuple(head.kernel_size) == (1, 1) and head.groups == 1:
+        weight = head.weight.flatten(1)
+    else:
+        return None
+    bias = head.bias if head.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+    return weight.detach().float(), bias.detach().float()
+
+
+@torch.no_grad()
+def own_classifier(
+    model: nn.Module, items: SplitItems, transform: Callable, ft_config: FinetuneConfig, *,
+    device: torch.device, say: Callable[[str], None],
+) -> Optional[Classifier]:
+    """The fine-tuned network's own classifier, to store as /classifier: the
+    affine map of timm's ``get_classifier()`` (:func:`_as_linear`) when, on
+    the first images of ``items``, it gives the network's logits from the
+    stored embedding (:func:`embed`); else None, said in one line. None too
+    for a run that trained nothing (epochs 0): its classifier is an
+    initialisation, not a method to score."""
+    if ft_config.epochs <= 0:
+        say("classifier: not written (--epochs 0: the network's classifier was not trained)")
+        return None
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    affine = _as_linear(head)
+    if affine is None:
+        say(f"classifier: not written (the network's classifier is {type(head).__name__}, not one affine map)")
+        return None
+    weight, bias = affine
+    dataset = ImageDataset(items, transform)
+    images = torch.stack([dataset[index][0] for index in range(min(len(dataset), CLASSIFIER_CHECK_IMAGES))])
+    images = images.to(device)
+    logits = model(images).float()
+    own = embed(model, images).float() @ weight.T + bias
+    tolerance = 1e-4 * max(1.0, float(logits.abs().max())) if logits.numel() else 1e-4
+    if own.shape != logits.shape or not torch.allclose(own, logits, rtol=1e-4, atol=tolerance):
+        say("classifier: not written (the linear layer on the stored embeddings does not give the network's logits)")
+        return None
+    return Classifier(
+        weight=weight.cpu().numpy(), bias=bias.cpu().numpy(),
+        loss=ft_config.loss, sampler=ft_config.sampler, trained=True,
+        sampler_params=dict(ft_config.sampler_params), epochs=int(ft_config.epochs),
+    )
 
 
 def _write_features(
@@ -440,8 +511,10 @@ def _write_features(
     dist: DistInfo,
     paths: Dict[str, Path],
     say: Callable[[str], None],
+    classifier: Optional[Classifier] = None,
 ) -> None:
-    """Embed every split (and the views) into the feature file; rank 0 writes.
+    """Embed every split (and the views) into the feature file, and the
+    network's own ``classifier`` where there is one; rank 0 writes.
 
     A rerun replaces the previous run's feature file and manifest only once
     both new ones are complete: the features go to a temporary file the
@@ -465,6 +538,10 @@ def _write_features(
             if config.views:
                 train_transform = make_transform(data_config, is_training=True)
                 _embed_views(writer, manifest.splits["train"], train_transform, embed_rows, config=config, dim=dim, dist=dist, say=say)
+            if dist.is_main and manifest.reference_counts is not None:
+                writer.write_reference_counts(manifest.reference_counts, source=manifest.reference_source)
+            if classifier is not None:
+                writer.write_classifier(classifier)
             if dist.is_main:  # complete before the feature file's commit, removed if that fails
                 staged_manifest = save_manifest(manifest, paths["manifest"], staged=True)
         if staged_manifest is not None:

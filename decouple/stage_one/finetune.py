@@ -43,10 +43,12 @@ from decouple.stage_one.distributed import DistInfo, default_workers
 from decouple.stage_one.image_cache import (
     BatchNormalize,
     DecodedImages,
-    PadCropFlip,
+    augmentation_for,
     cache_for,
+    cache_side,
     check_cache_mode,
     epoch_generator,
+    resolve_cache_mode,
 )
 from decouple.stage_one.images import ImageDataset
 from decouple.stage_one.manifest import Manifest
@@ -140,9 +142,11 @@ class FinetuneConfig:
     workers: Optional[int] = None
     seed: int = 0
     progress: bool = True
-    #: Decoded training images kept once: "off", "memory" (RAM) or "device"
+    #: Decoded training images kept once: "off", "auto" (for inputs of 64 px
+    #: or less: RAM when they fit in a quarter of it, else disk), "memory",
+    #: "disk" or "device"
     #: (:mod:`decouple.stage_one.image_cache`); the augmentation then runs on batches.
-    cache_images: str = "off"
+    cache_images: str = "auto"
 
     def resolved(self) -> "FinetuneConfig":
         """A copy with optimizer defaults and the loss's linear-family settings
@@ -157,6 +161,7 @@ class FinetuneConfig:
                 f"stage one's image loader cannot draw; fine-tune with one of {', '.join(usable)}"
             )
         SCHEDULES.check(self.schedule, where="--schedule")
+        check_cache_mode(self.cache_images)
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be >= 0; got {self.epochs}")
@@ -285,13 +290,18 @@ class EpochStats:
     images_per_second: float
     lr: float
     seconds: float
+    #: Seconds spent decoding the training images into the cache before this
+    #: epoch (the first a process runs), outside ``seconds``.
+    cache_seconds: float = 0.0
 
 
 def run_fingerprint(config: FinetuneConfig, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What a checkpoint must share with this run to be resumed: ``extra`` and
     every option that changes the trajectory."""
     fingerprint = dict(extra or {})
-    fingerprint.update({key: value for key, value in asdict(config).items() if key not in ("workers", "progress")})
+    # The image cache changes the augmentation's draws, not the recipe: a run may resume with another mode.
+    fingerprint.update({key: value for key, value in asdict(config).items()
+                        if key not in ("workers", "progress", "cache_images")})
     return jsonable(fingerprint)
 
 
@@ -341,7 +351,9 @@ class _Loop:
     fingerprint: Dict[str, Any]
     #: With --cache-images: the decoded training images and their batch augmentation.
     cache: Optional[DecodedImages] = None
-    augment: Optional[PadCropFlip] = None
+    augment: Optional[Callable[..., torch.Tensor]] = None
+    #: Seconds it took to fill ``cache`` (decoding, or reading a disk cache back).
+    cache_seconds: float = 0.0
 
     @property
     def on_cuda(self) -> bool:
@@ -376,20 +388,24 @@ def _build_loop(
         sampler = DistributedClassSampler(sampler, num_replicas=dist.world_size, rank=dist.rank)
     workers = default_workers(device, dist.local_world_size) if config.workers is None else config.workers
     dataset = ImageDataset(train, make_transform(data_config, is_training=True))
-    side = int(data_config["input_size"][-1])
-    mode = check_cache_mode(config.cache_images, side)
-    disk_base = None if checkpoint is None else checkpoint.parent / checkpoint.name.split(".")[0]
+    side = cache_side(data_config)
+    mode = resolve_cache_mode(config.cache_images, len(train.labels), side,
+                              input_side=int(data_config["input_size"][-1]), processes_per_node=dist.local_world_size)
+    disk_folder = None if checkpoint is None else checkpoint.parent
+    if mode == "disk" and disk_folder is None and config.cache_images == "auto":
+        mode = "off"  # too large for RAM and nowhere to keep a file: decode every epoch, as before
     waits = mode == "disk" and dist.distributed  # rank 0 writes the file, the others then read it
+    cache_started = time.perf_counter()
     if waits and not dist.is_main:
         dist.barrier()
     try:
         cache = cache_for(mode, train, side, device=device, workers=workers,
-                          progress=config.progress and dist.is_main, disk_base=disk_base,
+                          progress=config.progress and dist.is_main, disk_folder=disk_folder,
                           log=log if dist.is_main else (lambda message: None))
     finally:
         if waits and dist.is_main:
             dist.barrier()  # also when it failed, so the others do not wait forever
-    augment = PadCropFlip(side, data_config["mean"], data_config["std"]) if cache is not None else None
+    augment = augmentation_for(data_config) if cache is not None else None
     batches_per_epoch = len(sampler) // config.batch_size if len(sampler) >= config.batch_size else 1
     model.to(device)
     if device.type == "cuda" and config.channels_last:
@@ -397,7 +413,7 @@ def _build_loop(
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, updates_per_epoch=math.ceil(batches_per_epoch / config.accumulate))
     return _Loop(config, dist, model, model, dataset, sampler, loss_fn, optimizer, scheduler, workers, fingerprint,
-                 cache=cache, augment=augment)
+                 cache=cache, augment=augment, cache_seconds=time.perf_counter() - cache_started)
 
 
 def _resume(loop: _Loop, checkpoint: Optional[Path], resume: bool, log: Callable[[str], None]) -> Tuple[int, List[EpochStats]]:
@@ -432,10 +448,10 @@ class _CachedEpoch:
 
     def __iter__(self):
         device = self.loop.dist.device
-        for images, labels in self.loop.cache.batches(self.indices, self.loop.config.batch_size,
-                                                      drop_last=self.drop_last):
+        for images, sizes, labels in self.loop.cache.batches(self.indices, self.loop.config.batch_size,
+                                                             drop_last=self.drop_last):
             # uint8 travels (a quarter of the float bytes); the augmentation runs on the training device.
-            yield self.loop.augment(images.to(device, non_blocking=True), self.generator), labels
+            yield self.loop.augment(images.to(device, non_blocking=True), sizes.to(device), self.generator), labels
 
 
 def _epoch_loader(loop: _Loop, epoch: int):
@@ -532,6 +548,7 @@ def _report_epoch(loop: _Loop, history: List[EpochStats], checkpoint: Optional[P
         log(
             f"epoch {stats.epoch}/{loop.config.epochs}: loss {stats.loss:.4f}, "
             f"{stats.images_per_second:.0f} img/s, lr {stats.lr:.3g}"
+            + (f" (and {stats.cache_seconds:.1f} s decoding the training images once)" if stats.cache_seconds else "")
         )
         if checkpoint is not None:
             save_checkpoint(
@@ -574,6 +591,8 @@ def finetune(
         loop.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     for epoch in range(start_epoch, config.epochs):
         history.append(_train_epoch(loop, epoch))
+        if epoch == start_epoch and loop.cache is not None:
+            history[-1].cache_seconds = loop.cache_seconds
         _report_epoch(loop, history, checkpoint, log)
     if dist.distributed:
         # BatchNorm running statistics last moved with each rank's own batch;

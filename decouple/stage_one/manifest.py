@@ -77,6 +77,23 @@ class Manifest:
         return len(self.class_names)
 
     @property
+    def train_profile(self) -> str:
+        """``long_tailed`` or ``balanced`` (:data:`decouple.stage_one.splits.TRAIN_PROFILES`)."""
+        return str(self.info.get("train_profile", "long_tailed"))
+
+    @property
+    def reference_counts(self) -> Optional[np.ndarray]:
+        """The long-tailed profile's training counts (C,), where the splits were made on
+        one: the counts the many / medium / few groups come from. None otherwise."""
+        counts = self.info.get("reference_counts")
+        return None if counts is None else np.asarray(counts, dtype=np.int64)
+
+    @property
+    def reference_source(self) -> Optional[str]:
+        """One line naming the profile of :attr:`reference_counts` (None without them)."""
+        return self.info.get("reference_source")
+
+    @property
     def has_groups(self) -> bool:
         """True when the images carry groups (then every split has them)."""
         return any(items.groups is not None for items in self.splits.values())

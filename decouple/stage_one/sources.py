@@ -8,6 +8,9 @@ source is one class with ``@register_source("name")`` and no edit elsewhere.
 Detection tries the newest registration first, so a new, more specific source
 wins over the general ones registered before it (``image_folder`` takes any
 folder and is registered before ``split_folders`` and ``cifar``).
+
+An archive of any of these (.tar, .tar.gz, .tar.xz, ...) is unpacked once
+into a cache folder by :func:`unpack_archive` and read from there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type, Union
@@ -22,10 +27,13 @@ from typing import Any, Dict, List, Optional, Type, Union
 import numpy as np
 from PIL import Image
 
-from decouple.errors import DataError
+from decouple.atomic import fsync_path, temporary_sibling
+from decouple.errors import DataError, first_line
+from decouple.provenance import file_sha256
 from decouple.registry import Registry
 from decouple.stage_one.manifest import PathLike, SplitItems, is_indexed_ref, natural_key, read_manifest
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 SOURCES = Registry("data source")
@@ -300,6 +308,53 @@ class CifarPickles(Source):
         return 32
 
 
+# --------------------------------------------------------------------------- archives
+
+
+def archive_suffix(path: PathLike) -> Optional[str]:
+    """The archive suffix ``path`` ends in (".tar.xz"), or None for another file."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in ARCHIVE_SUFFIXES if name.endswith(suffix)), None)
+
+
+def unpack_archive(path: PathLike, cache_root: PathLike) -> Path:
+    """The data folder of the tar archive ``path``, unpacked once into
+    ``cache_root/<name>-<sha256 prefix>`` and reused while the archive's
+    content stays the same: its single top-level folder, when it has only
+    that. Unpacked into a temporary sibling first and renamed, so a crash or
+    a full disk never leaves a half-unpacked folder to be reused."""
+    path = Path(path)
+    suffix = archive_suffix(path)
+    if suffix is None or not path.is_file():
+        raise DataError(f"{path}: expected a .tar, .tar.gz or .tar.xz archive of an image folder")
+    target = Path(cache_root) / f"{path.name[: -len(suffix)]}-{file_sha256(path)[:12]}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        # "data": no absolute paths, links out of the folder or device files (where Python has it)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        try:
+            with tarfile.open(path) as archive:
+                archive.extractall(tmp, **safe)
+            fsync_path(tmp)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if target.is_dir():  # another process unpacked the same archive meanwhile
+                return _archive_root(target)
+            if isinstance(exc, Exception):
+                raise DataError(f"{path}: cannot be unpacked into {target} ({first_line(exc)})") from None
+            raise
+    return _archive_root(target)
+
+
+def _archive_root(folder: Path) -> Path:
+    """``folder``, or its single visible entry when that is a folder (``cifar10/`` of cifar10-jpg.tar.xz)."""
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -316,6 +371,8 @@ def detect_source(path: PathLike) -> str:
     for name in reversed(SOURCES.names()):
         if source_class(name).detect(path):
             return name
+    if path.is_file() and archive_suffix(path):
+        raise DataError(f"--data {path}: an archive; unpack it first (a sweep's stage_one.data unpacks it once)")
     if path.is_file():
         raise DataError(f"--data {path}: a file must be a CSV manifest (path,label[,split])")
     raise DataError(f"--data {path}: no data source reads this folder; known: {', '.join(SOURCES)}")

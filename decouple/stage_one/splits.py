@@ -12,6 +12,12 @@
   ``val_fraction`` of each class, at least ``min_val_per_class``, and each
   class keeps at least one training image.
 - a source without a test split gives up a stratified ``test_fraction`` first.
+- ``train_profile="balanced"`` (which needs ``imbalance``: the reference
+  long-tailed profile) gives the balanced sibling of the long-tailed run with
+  the same seed, imbalance and n_max: the same val, test and test_lt, and a
+  train of n_max images per class (all the class has left, when fewer) that
+  holds the long-tailed train. Both record the profile's training counts as
+  ``reference_counts``, from which both take their many / medium / few groups.
 
 Groups (bursts, tracks, specimens; ``group_by``, a regular expression whose
 first capture group, searched in each file name, names the image's group, or
@@ -51,6 +57,9 @@ from decouple.stage_one.images import drop_bad_images
 from decouple.stage_one.manifest import SPLIT_NAMES, Manifest, PathLike, SplitItems
 from decouple.stage_one.sources import SourceData, load_source
 
+#: ``--train-profile``: train on the long-tailed profile, or on its balanced sibling.
+TRAIN_PROFILES = ("long_tailed", "balanced")
+
 
 @dataclass(frozen=True)
 class SplitOptions:
@@ -64,10 +73,20 @@ class SplitOptions:
     test_fraction: float = 0.2
     seed: int = 0
     group_by: Optional[str] = None
+    train_profile: str = TRAIN_PROFILES[0]
 
     def __post_init__(self) -> None:
         if self.imbalance is not None and not self.imbalance >= 1:
             raise ConfigError(f"--imbalance must be >= 1; got {self.imbalance}")
+        if self.train_profile not in TRAIN_PROFILES:
+            raise ConfigError(
+                f"--train-profile must be one of {', '.join(TRAIN_PROFILES)}; got {self.train_profile!r}"
+            )
+        if self.train_profile == "balanced" and self.imbalance is None:
+            raise ConfigError(
+                "--train-profile balanced needs --imbalance IF: the long-tailed profile whose val, test, "
+                "test_lt and shot groups it shares"
+            )
         if self.n_max is not None and self.n_max < 1:
             raise ConfigError(f"--n-max must be >= 1; got {self.n_max}")
         for name in ("val_per_class", "min_val_per_class", "seed"):
@@ -257,8 +276,11 @@ def _profile_counts(data: SourceData, train: SplitItems, options: SplitOptions, 
         raise DataError(f"{data.location}: {exc}; lower --n-max, --imbalance or --val-per-class") from None
 
 
-def _subsample_long_tail(data: SourceData, splits: Dict[str, SplitItems], options: SplitOptions) -> Dict[str, Any]:
-    """Train on the profile, val from the leftovers (unless the source has val), test_lt; returns the profile info."""
+def _subsample_long_tail(
+    data: SourceData, splits: Dict[str, SplitItems], options: SplitOptions
+) -> Tuple[Dict[str, Any], np.ndarray]:
+    """Train on the profile (or its balanced sibling), val from the leftovers (unless the
+    source has val), test_lt; returns the profile info and the profile's training counts (C,)."""
     num_classes = len(data.class_names)
     has_val = "val" in splits
     val_per_class = 0 if has_val else options.val_per_class
@@ -269,20 +291,33 @@ def _subsample_long_tail(data: SourceData, splits: Dict[str, SplitItems], option
     else:
         val_per_class_reserved = val_per_class
     train_counts = _profile_counts(data, train, options, reserve=val_per_class_reserved)
+    n_max = int(train_counts[0])
     order = _per_class(train.labels, num_classes, _rng(options.seed, 2))
-    chosen = np.sort(np.concatenate([idx[:n] for idx, n in zip(order, train_counts)]))
+    if options.train_profile == "balanced":
+        # the profile's images first, then those after its val images: a superset of the long-tailed train
+        taken = [
+            np.concatenate([idx[:n], idx[n + val_per_class_reserved :]])[:n_max] for idx, n in zip(order, train_counts)
+        ]
+    else:
+        taken = [idx[:n] for idx, n in zip(order, train_counts)]
     if val_per_class_reserved > 0:
         leftover = np.concatenate([idx[n : n + val_per_class] for idx, n in zip(order, train_counts)])
         splits["val"] = train.subset(np.sort(leftover))
-    splits["train"] = train.subset(chosen)
+    splits["train"] = train.subset(np.sort(np.concatenate(taken)))
     if "test" in splits and "test_lt" not in splits:
         splits["test_lt"] = _long_tail_test(splits["test"], num_classes, options)
-    return {
-        "kind": "exponential",
-        "n_max": int(train_counts[0]),
-        "imbalance": options.imbalance,
-        "val_per_class": val_per_class,
-    }
+    profile = {"kind": "exponential", "n_max": n_max, "imbalance": options.imbalance, "val_per_class": val_per_class}
+    if options.train_profile == "balanced":
+        profile["short_classes"] = [data.class_names[c] for c, idx in enumerate(taken) if len(idx) < n_max]
+    return profile, train_counts
+
+
+def reference_source(profile: Dict[str, Any], seed: int) -> str:
+    """One line naming a long-tailed profile (the ``source`` of its reference counts)."""
+    return (
+        f"{profile['kind']} long-tailed profile (Cao et al. 2019): imbalance {profile['imbalance']:g}, "
+        f"n_max {profile['n_max']}, seed {seed}"
+    )
 
 
 def _carve_group_val(data: SourceData, train: SplitItems, options: SplitOptions) -> Tuple[SplitItems, SplitItems]:
@@ -336,8 +371,11 @@ def build_manifest(data: SourceData, options: SplitOptions = SplitOptions()) -> 
         splits["train"], splits["test"] = pool.subset(kept), pool.subset(carved)
         info["test_carved"] = {"fraction": options.test_fraction}
     _check_every_class_trains(data, splits)
+    info["train_profile"] = options.train_profile
     if options.imbalance is not None:
-        info["profile"] = _subsample_long_tail(data, splits, options)
+        info["profile"], reference_counts = _subsample_long_tail(data, splits, options)
+        info["reference_counts"] = reference_counts.tolist()
+        info["reference_source"] = reference_source(info["profile"], options.seed)
     elif "val" not in splits:
         train = splits["train"]
         kept, carved = stratified_carve(

@@ -18,7 +18,7 @@ from decouple.stage_two.cells import Cell, CellResult, freeze_settings, method_p
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.heads import create_head
 from decouple.stage_two.losses import create_loss
-from decouple.stage_two.priors import AssumedPrior, assumed_prior, named_log_prior, parse_view, shift_scores, target_log_prior
+from decouple.stage_two.priors import AssumedPrior, named_log_prior, parse_view, shift_scores, target_log_prior
 from decouple.stage_two.samplers import create_sampler
 from decouple.stage_two.trainer import PreparedData, train_heads
 
@@ -69,7 +69,7 @@ def _score_head(head, feature_set, train: TrainConfig, *, assumed: AssumedPrior,
         metrics[name] = evaluate(
             split.labels,
             split_scores,
-            counts,
+            feature_set.group_counts,  # the reference profile's where the file has them
             shot_rule=train.groups,
             many_threshold=train.many_threshold,
             few_threshold=train.few_threshold,
@@ -78,6 +78,15 @@ def _score_head(head, feature_set, train: TrainConfig, *, assumed: AssumedPrior,
         predictions[name] = SplitPredictions.from_scores(split.labels, split_scores)
     calibration = {"temperature": temperature, "selected_on": selected_on, "bins": DEFAULT_BINS}
     return metrics, calibration, predictions
+
+
+def _reference_of(feature_set) -> Dict[str, Any]:
+    """Which counts the shot groups came from: ``{"counts": "train"}``, or the
+    reference profile's counts and source (recorded with every result)."""
+    if feature_set.reference_counts is None:
+        return {"counts": "train"}
+    return {"counts": "reference", "reference_counts": [int(count) for count in feature_set.reference_counts],
+            "reference_source": feature_set.reference_source}
 
 
 @dataclass
@@ -100,6 +109,7 @@ def _plan_cells(feature_set, cells: Sequence[Cell], train: TrainConfig) -> List[
         settings = method_params(cell)
         plans.append(_Plan(index=index, cell=cell, head=create_head(cell.head, **settings["head"]), settings=settings))
     for plan in plans:
+        plan.head.check_features(feature_set)
         if plan.head.trainable:
             plan.head.check_settings(
                 plan.cell.loss, plan.cell.sampler, plan.settings, class_counts=feature_set.train_counts, train=train
@@ -121,8 +131,8 @@ class _Results:
 
     def finish(self, plan: _Plan, seconds: float) -> None:
         trainable = plan.head.trainable
-        assumed = assumed_prior(
-            plan.head, plan.cell.loss, plan.cell.sampler, self.feature_set.train_counts,
+        assumed = plan.head.assumed_prior(
+            plan.cell.loss, plan.cell.sampler, self.feature_set.train_counts,
             sampler_params=plan.settings["sampler"] if trainable else None, total_epochs=self.train.epochs,
         )
         metrics, calibration, predictions = _score_head(plan.head, self.feature_set, self.train, assumed=assumed,
@@ -137,7 +147,7 @@ class _Results:
         # The rule of the many / medium / few metrics, beside them for every head
         # (training-free heads record no train settings).
         params["shot_groups"] = {"rule": self.train.groups, "many_threshold": self.train.many_threshold,
-                                 "few_threshold": self.train.few_threshold}
+                                 "few_threshold": self.train.few_threshold, **_reference_of(self.feature_set)}
         result = CellResult(
             features=_label_of(self.feature_set),
             head=plan.cell.head,
@@ -202,7 +212,8 @@ def fit_cells(
                 groups.setdefault(key, []).append(plan)
                 continue
             start = time.perf_counter()
-            plan.head.fit(train_split.features, train_split.labels, num_classes=feature_set.num_classes)
+            plan.head.fit(train_split.features, train_split.labels, num_classes=feature_set.num_classes,
+                          classifier=feature_set.classifier)
             results.finish(plan, time.perf_counter() - start)
         data = _prepared(feature_set, train.resolved_device()) if groups else None
         for (sampler_name, _, seed, _), members in groups.items():

@@ -16,10 +16,11 @@ Two kinds of head:
   family share one fused pass (:meth:`TrainableHead.fusion_key`). tau_norm and lws
   are post-fit steps on the linear family's weights, so
   :func:`decouple.stage_two.fit.fit_cells` trains those once for all three.
-* **training-free** (ncm, knn) take no loss or sampler: ncm is one matrix
-  product with the class means (on the GPU when torch sees one), knn
-  searches a FAISS index over the training points (on the GPU when FAISS
-  sees one).
+* **training-free** (ncm, knn, finetuned) take no loss or sampler: ncm is
+  one matrix product with the class means (on the GPU when torch sees one),
+  knn searches a FAISS index over the training points (on the GPU when
+  FAISS sees one), finetuned scores with the fine-tuned network's own
+  classifier, which the feature file holds (/classifier).
 
 Gradient heads work in the standardised feature space of
 :class:`decouple.stage_two.trainer.PreparedData` (every feature centred and
@@ -39,11 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decouple.errors import ConfigError
+from decouple.errors import ConfigError, FeatureFileError
+from decouple.features import read_classifier
 from decouple.registry import Registry
 from decouple.stage_two.config import TrainConfig
 from decouple.stage_two.losses import LOSSES, STAGE_ONE, GeneralizedReweightLoss, create_loss, family_settings
 from decouple.stage_two.losses import log_prior as class_log_prior
+from decouple.stage_two.priors import AssumedPrior, assumed_prior, log_uniform
 from decouple.stage_two.samplers import SAMPLER_HOUSEKEEPING, SAMPLERS, create_sampler
 from decouple.stage_two.scorers import CosineScorer, DisAlignScorer, KNNScorer, LinearScorer, NCMScorer, Scorer
 from decouple.stage_two.trainer import (
@@ -128,6 +131,22 @@ class Head:
     def selection_(self) -> Dict[str, Any]:
         """What was chosen on val (epoch, tau, ...) and on which split."""
         return {}
+
+    def check_features(self, feature_set: Any) -> None:
+        """Refuse a feature set this head cannot fit on (one line naming the
+        file), before any cell trains; every feature set by default."""
+
+    @classmethod
+    def check_file(cls, path: Any) -> None:
+        """:meth:`check_features` from the feature file alone, cheaply, for a
+        sweep's plan (before any run); every file by default."""
+
+    def assumed_prior(self, loss: Optional[str], sampler: Optional[str], class_counts: Sequence[int], *,
+                      sampler_params: Optional[Mapping[str, Any]] = None, total_epochs: int = 1) -> AssumedPrior:
+        """The prior the fitted head's scores assume in a cell of ``loss`` and
+        ``sampler`` (:func:`decouple.stage_two.priors.assumed_prior`)."""
+        return assumed_prior(self, loss, sampler, class_counts, sampler_params=sampler_params,
+                             total_epochs=total_epochs)
 
     def scorer(self) -> Scorer:
         """The fitted head as a torch module, embeddings (B, D) -> the scores
@@ -971,3 +990,91 @@ class KNNHead(SearchHead):
             torch.from_numpy(bank), torch.from_numpy(self.labels_), k=int(self.k), metric=self.metric,
             temperature=float(self.temperature), num_classes=len(self.classes_),
         )
+
+
+# ---------------------------------------------------------------------------
+# The fine-tuned network's own classifier.
+# ---------------------------------------------------------------------------
+
+
+@register_head("finetuned")
+class FinetunedHead(Head):
+    """The fine-tuned network's own head: its linear classifier x W^T + b, trained end to end in stage one.
+
+    The joint (end-to-end) baseline that Kang et al., "Decoupling
+    Representation and Classifier for Long-Tailed Recognition" (ICLR 2020),
+    Sec. 5, compare the decoupled heads with: stage one trains the backbone
+    and its ``nn.Linear`` classifier together with the stage-one loss and
+    sampler, and ``decouple extract`` stores that classifier (/classifier,
+    :class:`decouple.features.Classifier`). This head trains nothing: its
+    scores are the logits the network predicts with at test time, the plain
+    logits for every loss (balanced softmax, logit adjustment and LDAM
+    adjust only the training loss). It assumes the prior stage one trained
+    it under (:mod:`decouple.stage_two.priors`): uniform when the stage-one
+    loss balances the prior, else the stage-one sampler's; uniform for an
+    untrained classifier (a frozen run). A file without /classifier is
+    refused.
+    """
+
+    trainable = False
+
+    def __init__(self) -> None:
+        pass
+
+    @staticmethod
+    def _no_classifier(path: Any) -> FeatureFileError:
+        return FeatureFileError(
+            f"{path or '<in memory>'}: no /classifier; head finetuned scores with the fine-tuned network's own "
+            f"classifier, which `decouple extract` writes when it fine-tuned (epochs > 0) and that classifier is "
+            f"one affine map of the embeddings (extract again, or choose another head)"
+        )
+
+    def check_features(self, feature_set: Any) -> None:
+        if getattr(feature_set, "classifier", None) is None:
+            raise self._no_classifier(feature_set.path)
+
+    @classmethod
+    def check_file(cls, path: Any) -> None:
+        if read_classifier(path) is None:
+            raise cls._no_classifier(path)
+
+    def fit(self, X: Any, y: Any, *, classifier: Any = None, num_classes: Optional[int] = None,
+            **ignored: Any) -> "FinetunedHead":
+        """Take ``classifier`` (a :class:`decouple.features.Classifier`, weight
+        (C, D) and bias (C,)) as the head; ``X`` (N, D) and ``y`` only check
+        its shape."""
+        if classifier is None:
+            raise ConfigError("head finetuned needs the fine-tuned network's classifier: "
+                              "fit(X, y, classifier=...) with /classifier of the feature file")
+        weight = _as_float32(classifier.weight)
+        bias = _as_float32(classifier.bias)
+        classes = _num_classes(np.asarray(y), num_classes)
+        dim = np.shape(X)[1]
+        if weight.shape != (classes, dim) or bias.shape != (classes,):
+            raise ConfigError(f"head finetuned: the classifier must be weight ({classes}, {dim}) and bias "
+                              f"({classes},) for these features; got {weight.shape} and {bias.shape}")
+        LOSSES.check(classifier.loss, where="/classifier attribute loss")
+        SAMPLERS.check(classifier.sampler, where="/classifier attribute sampler")
+        self.coef_, self.intercept_ = weight, bias
+        self.classes_ = np.arange(classes)
+        self.loss_, self.sampler_ = classifier.loss, classifier.sampler
+        self.sampler_params_ = dict(classifier.sampler_params)
+        self.epochs_, self.trained_ = int(classifier.epochs), bool(classifier.trained)
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        return _as_float32(X) @ self.coef_.T + self.intercept_
+
+    def scorer(self) -> Scorer:
+        return LinearScorer(torch.from_numpy(self.coef_), torch.from_numpy(self.intercept_))
+
+    def selection_(self) -> Dict[str, Any]:
+        """Nothing is chosen; records the stage-one run the classifier comes from."""
+        return {"stage_one": {"loss": self.loss_, "sampler": self.sampler_, "trained": self.trained_}}
+
+    def assumed_prior(self, loss, sampler, class_counts, *, sampler_params=None, total_epochs=1) -> AssumedPrior:
+        """Stage one's prior, whatever the cell's (None) loss and sampler."""
+        if not self.trained_:
+            return AssumedPrior("uniform", log_uniform(len(class_counts)))
+        return assumed_prior(self, self.loss_, self.sampler_, class_counts, sampler_params=self.sampler_params_,
+                             total_epochs=max(self.epochs_, 1))

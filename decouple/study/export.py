@@ -18,6 +18,10 @@ fractions in % (``--percent``) except :data:`UNSCALED_METRICS` (NLL, in
 nats), which keep their own unit at the precision a fraction would have.
 Where the table shows a many / medium / few column, its note names the rule
 of the shot groups the cells were scored with (:func:`shot_groups_note`).
+
+The study layout (``decouple export --layout study``) is
+:mod:`decouple.study.study_layout`, built on the tables and writers here;
+:mod:`decouple.study.layouts` names both layouts.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ METRIC_LABELS = {
     "many": "Many", "medium": "Medium", "few": "Few",
     "many_f1": "Many F1", "medium_f1": "Medium F1", "few_f1": "Few F1",
     "ece": "ECE", "nll": "NLL", "ece_raw": "ECE (uncal.)", "nll_raw": "NLL (uncal.)",
+    "many_nll": "Many NLL", "medium_nll": "Medium NLL", "few_nll": "Few NLL",
 }
 # Calibration (decouple.calibration): ece / nll after temperature scaling on
-# val, ece_raw / nll_raw before. An error: the lowest mean is the best.
-LOWER_IS_BETTER = frozenset({"ece", "nll", "ece_raw", "nll_raw"})
+# val, ece_raw / nll_raw before (<group>_nll: a shot group's, at T = 1). An error: the lowest mean is the best.
+GROUP_NLL_METRICS = tuple(f"{name}_nll" for name in GROUPS)
+LOWER_IS_BETTER = frozenset({"ece", "nll", "ece_raw", "nll_raw", *GROUP_NLL_METRICS})
 # Not fractions (NLL is in nats per image): never multiplied by 100 under --percent.
-UNSCALED_METRICS = frozenset({"nll", "nll_raw"})
+UNSCALED_METRICS = frozenset({"nll", "nll_raw", *GROUP_NLL_METRICS})
 NONE_TEXT = "–"
 
 
@@ -183,6 +189,9 @@ class SummaryRow:
     seeds: List[int]
     stats: Dict[Tuple[str, str], Stat]  # (split, metric) -> Stat
     records: List[CellRecord] = field(default_factory=list, repr=False)
+    #: The cells cannot differ by the stage-two seed (:func:`decouple.study.study_layout.seed_dependent`): no std,
+    #: no seed count shown.
+    seed_free: bool = False
 
     @property
     def cells(self) -> int:
@@ -201,6 +210,17 @@ class SummaryTable:
     best: Dict[Tuple[str, str], List[int]]  # column -> indices of the best rows
     #: How the intervals were drawn ({"confidence", "resamples", "seed"}); None without intervals.
     ci: Optional[Dict[str, Any]] = None
+    #: Shown names of column groups and metrics where not the split's or METRIC_LABELS' own.
+    split_labels: Dict[str, str] = field(default_factory=dict)
+    metric_labels: Dict[str, str] = field(default_factory=dict)
+    #: A further sentence for the table's note (caption).
+    note: str = ""
+
+    def split_label(self, split: str) -> str:
+        return self.split_labels.get(split, split)
+
+    def metric_label(self, metric: str) -> str:
+        return self.metric_labels.get(metric) or _metric_label(metric)
 
     @property
     def splits(self) -> List[str]:
@@ -370,7 +390,7 @@ def summarize(
                 found = intervals.of_mean(row.records, *column)
                 if found is not None:
                     row.stats[column].low, row.stats[column].high = found.low, found.high
-    best = _best_rows(table_rows, columns, digits=digits, scale=scale)
+    best = best_rows(table_rows, columns, digits=digits, scale=scale)
     return SummaryTable(row_fields=row_fields, columns=columns, rows=table_rows, best=best,
                         ci=None if intervals is None else intervals.settings())
 
@@ -435,7 +455,7 @@ def shown_as(metric: str, scale: float, digits: Optional[int]) -> Tuple[float, O
     return 1.0, digits + 2
 
 
-def _best_rows(
+def best_rows(
     table_rows: Sequence[SummaryRow], columns: Sequence[Tuple[str, str]], *, digits: Optional[int], scale: float
 ) -> Dict[Tuple[str, str], List[int]]:
     """Column -> indices of the rows whose mean, as displayed, is best: the
@@ -480,7 +500,8 @@ def _interval_text(stat: Stat, metric: str, scale: float, digits: int) -> str:
 
 
 def _header_label(field_name: str) -> str:
-    return {"features": "Features", "head": "Head", "loss": "Loss", "sampler": "Sampler"}[field_name]
+    return {"features": "Features", "head": "Head", "loss": "Loss", "sampler": "Sampler",
+            "method": "Method", "backbone": "Backbone", "profile": "Training profile"}[field_name]
 
 
 def _metric_label(metric: str) -> str:
@@ -489,7 +510,7 @@ def _metric_label(metric: str) -> str:
 
 def summary_markdown(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) -> str:
     header = [_header_label(name) for name in table.row_fields] + [
-        f"{split} {_metric_label(metric)}" for split, metric in table.columns
+        f"{table.split_label(split)} {table.metric_label(metric)}" for split, metric in table.columns
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(
         [" --- "] * len(table.row_fields) + [" ---: "] * len(table.columns)
@@ -550,12 +571,13 @@ def interval_note(ci: Dict[str, Any]) -> str:
 
 
 def _footnote(table: SummaryTable, scale: float) -> str:
-    seeds = sorted({row.cells for row in table.rows})
+    seeds = sorted({row.cells for row in table.rows if not row.seed_free}
+                   or {row.cells for row in table.rows})
     unit = "%" if scale == 100.0 else "fraction"
-    unscaled = [_metric_label(metric) for metric in table.metrics if metric in UNSCALED_METRICS]
+    unscaled = [table.metric_label(metric) for metric in table.metrics if metric in UNSCALED_METRICS]
     if unscaled:
         unit += f" except {' and '.join(unscaled)} (mean nats per image)"
-    lower = [_metric_label(metric) for metric in table.metrics if metric in LOWER_IS_BETTER]
+    lower = [table.metric_label(metric) for metric in table.metrics if metric in LOWER_IS_BETTER]
     best = "best mean per column in bold"
     if lower:
         best += f" (the lowest for {', '.join(lower)})"
@@ -565,6 +587,8 @@ def _footnote(table: SummaryTable, scale: float) -> str:
         note += " " + interval_note(table.ci)
     if _shows_groups(table):
         note += " " + shot_groups_note([record for row in table.rows for record in row.records])
+    if table.note:
+        note += " " + table.note
     return note
 
 
@@ -596,13 +620,13 @@ def summary_latex(table: SummaryTable, *, scale: float = 100.0, digits: int = 1)
     group_header = [""] * len(table.row_fields)
     rules = []
     for index, split in enumerate(splits):
-        group_header.append(f"\\multicolumn{{{len(metrics)}}}{{c}}{{{latex_escape(split)}}}")
+        group_header.append(f"\\multicolumn{{{len(metrics)}}}{{c}}{{{latex_escape(table.split_label(split))}}}")
         start = first + index * len(metrics)
         rules.append(f"\\cmidrule(lr){{{start}-{start + len(metrics) - 1}}}")
     lines.append(" & ".join(group_header) + " \\\\")
     lines.append(" ".join(rules))
     header = [latex_escape(_header_label(name)) for name in table.row_fields]
-    header += [latex_escape(_metric_label(metric)) for _ in splits for metric in metrics]
+    header += [latex_escape(table.metric_label(metric)) for _ in splits for metric in metrics]
     lines.append(" & ".join(header) + " \\\\")
     lines.append("\\midrule")
     for index, row in enumerate(table.rows):
@@ -635,9 +659,9 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
     for name in table.row_fields:
         out.append(f'<th rowspan="2">{esc(_header_label(name))}</th>')
     for split in splits:
-        out.append(f'<th colspan="{len(metrics)}">{esc(split)}</th>')
+        out.append(f'<th colspan="{len(metrics)}">{esc(table.split_label(split))}</th>')
     out += ["</tr>", "<tr>"]
-    out += [f"<th>{esc(_metric_label(metric))}</th>" for _ in splits for metric in metrics]
+    out += [f"<th>{esc(table.metric_label(metric))}</th>" for _ in splits for metric in metrics]
     out += ["</tr>", "</thead>", "<tbody>"]
     for index, row in enumerate(table.rows):
         out.append("<tr>")
@@ -658,9 +682,9 @@ def summary_html(table: SummaryTable, *, scale: float = 100.0, digits: int = 1) 
 
 
 def summary_csv(table: SummaryTable) -> str:
-    """One row per method: row fields, seeds (the number of cells averaged),
-    then <split>_<metric>_mean / _std (as stored, full precision: fractions,
-    NLL in nats) and <split>_<metric>_best (1 or 0)."""
+    """One row per method: row fields, seeds (the number of cells averaged;
+    empty for a seed-free row), then <split>_<metric>_mean / _std (as stored,
+    full precision: fractions, NLL in nats) and <split>_<metric>_best (1 or 0)."""
     columns = list(table.row_fields) + ["seeds"]
     for split, metric in table.columns:
         columns += [f"{split}_{metric}_mean", f"{split}_{metric}_std", f"{split}_{metric}_best"]
@@ -671,7 +695,7 @@ def summary_csv(table: SummaryTable) -> str:
     writer.writerow(columns)
     for index, row in enumerate(table.rows):
         values: List[Any] = [row.method[name] or "" for name in table.row_fields]
-        values.append(row.cells)
+        values.append("" if row.seed_free else row.cells)
         for column in table.columns:
             stat = row.stats[column]
             values += [
@@ -696,11 +720,19 @@ def summary_json(table: SummaryTable) -> str:
                 "best": index in table.best.get((split, metric), ()),
                 **({"low": stat.low, "high": stat.high} if table.ci is not None else {}),
             }
-        rows.append({**row.method, "seeds": row.seeds, "cells": row.cells, "metrics": values})
+        rows.append({**row.method, "seeds": None if row.seed_free else row.seeds, "cells": row.cells,
+                     "metrics": values})
     out = {"row_fields": table.row_fields, "splits": table.splits, "metrics": table.metrics, "rows": rows}
     if table.ci is not None:
         out["intervals"] = table.ci
     return json.dumps(out, indent=1, allow_nan=False) + "\n"
+
+
+def scale_and_digits(percent: bool, digits: int) -> Tuple[float, int]:
+    """Tables in % (scale 100) or as fractions, which need at least 3 decimals."""
+    if percent:
+        return 100.0, digits
+    return 1.0, max(digits, 3)
 
 
 def render(
@@ -718,7 +750,9 @@ def render(
     ci_seed: int = DEFAULT_SEED,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> str:
-    """The export text in ``format``.
+    """The export text of the default layout in ``format`` (the study layout
+    is :mod:`decouple.study.study_layout`; either by name:
+    :func:`decouple.study.layouts.render`).
 
     csv and json default to the per-cell layout (``summary=False``);
     markdown, latex and html are always the summary table. ``ci`` adds
@@ -745,9 +779,7 @@ def render(
         chosen = resolve_splits(records, splits) if splits else None
         writer = cells_csv if format == "csv" else cells_json
         return writer(records, splits=chosen, intervals=intervals)
-    scale = 100.0 if percent else 1.0
-    if not percent and digits < 3:
-        digits = 3
+    scale, digits = scale_and_digits(percent, digits)
     table = summarize(records, metrics=metrics, splits=splits, rows=rows, digits=digits, scale=scale,
                       intervals=intervals)
     if format == "csv":

@@ -13,13 +13,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from decouple.errors import FeatureFileError
 from decouple.features import read_train_counts
 from decouple.provenance import file_sha256
 from decouple.stage_two.cells import Cell
 from decouple.stage_two.config import TrainConfig
+from decouple.stage_two.heads import HEADS
 from decouple.study.config import FeatureSpec, SweepConfig, check_cells, sha256_json
 from decouple.study.grid import train_identity
 from decouple.study.store import ResultStore
@@ -110,21 +111,42 @@ def check_feature_files(config: SweepConfig) -> None:
             raise places.error(("features", index), f"{spec.path}: is not a file", FeatureFileError)
 
 
+def unkeyed_cells(config: SweepConfig, specs: Sequence[FeatureSpec]) -> List[PlannedCell]:
+    """The cells of feature files not made yet (a dry run's stage-one files), without keys."""
+    return [PlannedCell(spec=spec, cell=cell, key="", varied=varied_text(config, cell))
+            for spec, cell in config.cells(specs)]
+
+
 def plan_sweep(
-    config: SweepConfig, *, db: Optional[str] = None, train_overrides: Optional[Mapping[str, Any]] = None
+    config: SweepConfig,
+    *,
+    db: Optional[str] = None,
+    train_overrides: Optional[Mapping[str, Any]] = None,
+    specs: Optional[Sequence[FeatureSpec]] = None,
 ) -> SweepPlan:
-    """Check the feature files, key every cell and look up the finished ones."""
+    """Check the feature files, key every cell and look up the finished ones.
+
+    ``specs``: the feature files to plan, by default every one of the config
+    (:meth:`~decouple.study.config.SweepConfig.feature_specs`; stage one's
+    must have been made by then)."""
     check_feature_files(config)
+    specs = config.feature_specs() if specs is None else tuple(specs)
+    unmade = [spec.path for spec in specs if not Path(spec.path).is_file()]
+    if unmade:
+        raise FeatureFileError(f"{unmade[0]}: no such feature file yet; `decouple sweep` makes it in stage one")
     train = config.train_config(**dict(train_overrides or {}))
     places = ConfigPlaces(config.source, dict(config.lines))
-    for spec in config.features:
+    heads = {cell.head for _, cell in config.cells(specs)}
+    for spec in specs:
         check_cells(places, config, class_counts=read_train_counts(spec.path), features=spec.path, train=train)
+        for head in sorted(heads):
+            HEADS.get(head).check_file(spec.path)
     db_path = db or config.db
-    hashes = {spec.path: file_sha256(spec.path) for spec in config.features}
+    hashes = {spec.path: file_sha256(spec.path) for spec in specs}
     cells = [
         PlannedCell(spec=spec, cell=cell, key=cell_key(cell, spec, hashes[spec.path], train),
                     varied=varied_text(config, cell))
-        for spec, cell in config.cells()
+        for spec, cell in config.cells(specs)
     ]
     finished_keys = set()
     if Path(db_path).exists():

@@ -6,8 +6,11 @@ without pyplot, so a user's backend and open figures are left alone).
   line is a running mean over classes ordered by training count.
 * :func:`plot_group_bars`: grouped bars of many / medium / few accuracy per
   method, with the standard deviation over seeds as error bars.
+* :func:`plot_study_backbone`: the study layout's plot of one backbone, tail
+  (few) accuracy against balanced test top-1 for every method, one marker
+  per training profile (:func:`~decouple.study.study_layout.study_tables`).
 
-Both read only stored results (per-class accuracy and training counts live
+All read only stored results (per-class accuracy and training counts live
 in the database), so the feature files need not be present, and carry a
 caption naming the shot-group rule of their cells
 (:func:`~decouple.study.export.shot_groups_note`).
@@ -29,9 +32,12 @@ from decouple.atomic import atomic_path
 from decouple.errors import DecoupleError
 from decouple.study.export import SummaryTable, shot_groups_note, shot_rules, summarize
 from decouple.study.store import CellRecord
+from decouple.study.study_layout import StudyTable, study_tables
 
 GROUPS = ("many", "medium", "few")
 GROUP_NAMES = {"many": "Many", "medium": "Medium", "few": "Few"}
+#: Markers of the training profiles of a study plot, in table order (balanced first).
+PROFILE_MARKERS = ("o", "^", "s", "D", "v", "P", "X")
 THIRDS_LABELS = {"many": "Many (top third)", "medium": "Medium (middle third)", "few": "Few (bottom third)"}
 
 
@@ -204,4 +210,54 @@ def export_plots(
             stem = f"per_class_{safe_name(split)}" if len(by_features) == 1 else f"per_class_{safe_name(name)}_{safe_name(split)}"
             title = None if len(by_features) == 1 else f"{name}: per-class accuracy vs training count ({split})"
             written += plot_per_class_accuracy(sub, out_dir / stem, split=split, title=title)
+    return written
+
+
+def plot_study_backbone(tables: Sequence[StudyTable], stem: os.PathLike, *, title: Optional[str] = None) -> List[Path]:
+    """Tail (few) accuracy against balanced test top-1, one point per method
+    and training profile of one backbone's study tables (mean over seeds,
+    std as error bars; none for a row without std, as the end-to-end and
+    training-free rows): one colour per method, one marker per profile, a
+    thin line joining a method's profiles. A method without both numbers
+    draws no point."""
+    methods = list(dict.fromkeys(row.method["method"] for study in tables for row in study.table.rows))
+    colors = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    figure, axis = _figure(7.5, 4.8)
+    points: Dict[str, List[tuple]] = {}
+    for position, study in enumerate(tables):
+        marker = PROFILE_MARKERS[position % len(PROFILE_MARKERS)]
+        for row in study.table.rows:
+            x, y = row.stats[("test", "top1")], row.stats[("few", "top1")]
+            if x.mean is None or y.mean is None:
+                continue
+            color = colors(methods.index(row.method["method"]) % colors.N)
+            axis.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, fmt=marker, color=color,
+                          markersize=7, elinewidth=0.8, capsize=2)
+            points.setdefault(row.method["method"], []).append((x.mean, y.mean))
+        axis.plot([], [], marker, color="0.3", linestyle="none", label=f"trained on {study.profile}")
+    if not points:
+        raise DecoupleError("study plot: no method has both balanced test top-1 and tail accuracy")
+    for method, xy in points.items():
+        if len(xy) > 1:
+            axis.plot(*zip(*xy), color=colors(methods.index(method) % colors.N), linewidth=0.6, alpha=0.5)
+        axis.plot([], [], "s", color=colors(methods.index(method) % colors.N), label=method)
+    axis.set_xlabel("balanced test top-1")
+    axis.set_ylabel("tail (few-shot) accuracy on balanced test")
+    axis.grid(True, alpha=0.25)
+    axis.set_title(title or f"{tables[0].backbone}: tail vs balanced accuracy")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _caption(figure, shot_groups_note([record for study in tables for row in study.table.rows
+                                       for record in row.records]))
+    return _save(figure, Path(stem))
+
+
+def export_study_plots(records: Sequence[CellRecord], out_dir: os.PathLike) -> List[Path]:
+    """:func:`plot_study_backbone` for every backbone of the study layout,
+    as study_<backbone>.{png,svg}; returns the written paths."""
+    by_backbone: Dict[str, List[StudyTable]] = {}
+    for study in study_tables(records):
+        by_backbone.setdefault(study.backbone, []).append(study)
+    written: List[Path] = []
+    for backbone, tables in by_backbone.items():
+        written += plot_study_backbone(tables, Path(out_dir) / f"study_{safe_name(backbone)}")
     return written

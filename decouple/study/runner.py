@@ -1,6 +1,8 @@
-"""Running a sweep: every pending cell of the plan through stage two, each
-result stored in the results database the moment it arrives, so that a
-rerun resumes where an interrupted sweep stopped."""
+"""Running a sweep: the missing stage-one runs of ``stage_one:`` first
+(:mod:`decouple.study.stage_one_runs`), then every pending cell of the plan
+through stage two on every feature file, each result stored in the results
+database the moment it arrives, so that a rerun resumes where an
+interrupted sweep stopped."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Union
 
 from tqdm import tqdm
@@ -17,36 +20,51 @@ from decouple.features import read_features
 from decouple.provenance import jsonable, package_versions, utc_now
 from decouple.stage_two.fit import fit_cells
 from decouple.study.config import FeatureSpec, SweepConfig, load_config
-from decouple.study.plan import PlannedCell, SweepPlan, cell_identity, plan_sweep
+from decouple.study.plan import (
+    PlannedCell,
+    SweepPlan,
+    cell_identity,
+    check_feature_files,
+    plan_sweep,
+    unkeyed_cells,
+)
+from decouple.study.stage_one_runs import Launcher, Log, StageOneSummary, plan_stage_one, run_stage_one
 from decouple.study.store import CellRecord, ResultStore
 
 
 class SweepInterrupted(Exception):
     """Ctrl-C during a sweep: finished cells are stored; a rerun resumes."""
 
-    def __init__(self, done: int, total: int, db: str) -> None:
+    def __init__(self, done: int, total: int, db: str, *, what: str = "cells", resumes: str = "") -> None:
         self.done, self.total, self.db = done, total, db
         super().__init__(
-            f"interrupted: {done} of {total} cells are stored in {db}; "
-            f"rerun the same command to run the other {total - done}"
+            f"interrupted: {done} of {total} {what} are stored in {db}; "
+            f"rerun the same command to run the other {total - done}{resumes}"
         )
 
 
 @dataclass
 class SweepSummary:
-    """What a sweep did: cells in the grid, skipped as finished, run now."""
+    """What a sweep did: cells in the grid, skipped as finished, run now, and
+    its stage-one runs when it has ``stage_one:``."""
 
     db: str
     total: int
     skipped: int
     ran: int
     seconds: float
+    stage_one: Optional[StageOneSummary] = None
+
+    @property
+    def failed_runs(self) -> int:
+        return len(self.stage_one.failed) if self.stage_one is not None else 0
 
     def __str__(self) -> str:
-        return (
-            f"{self.total} cells: {self.ran} run in {self.seconds:.1f} s, "
-            f"{self.skipped} already in {self.db}"
-        )
+        if self.stage_one is not None and self.stage_one.did_nothing and not self.ran:
+            return (f"nothing to do: all {self.stage_one.total} stage-one runs and {self.total} cells "
+                    f"are already in {self.db}")
+        cells = f"{self.total} cells: {self.ran} run in {self.seconds:.1f} s, {self.skipped} already in {self.db}"
+        return cells if self.stage_one is None else f"{self.stage_one}\n{cells}"
 
 
 def run_sweep(
@@ -57,8 +75,17 @@ def run_sweep(
     fuse: bool = True,
     progress: bool = False,
     on_result: Optional[Callable[[CellRecord], None]] = None,
+    launcher: Optional[Launcher] = None,
+    log: Log = print,
 ) -> SweepSummary:
     """Run every cell of ``config`` not yet in the database; returns a summary.
+
+    With ``stage_one:`` its missing runs come first
+    (:func:`~decouple.study.stage_one_runs.run_stage_one`: ``launcher``
+    makes each, by default in this process or under torchrun on several
+    GPUs; ``log`` takes their progress lines), then the cells of every
+    feature file they made and of ``features:``. A failed run is listed in
+    the summary and its cells left out.
 
     Cells of one feature file go to :func:`~decouple.stage_two.fit.fit_cells`
     together, which fuses those sharing a sampler and seed into one pass over
@@ -70,8 +97,13 @@ def run_sweep(
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
-    start = time.perf_counter()
-    plan = plan_sweep(config, db=db, train_overrides=train_overrides)
+    stage_one, specs = None, None
+    if config.stage_one is not None:
+        check_feature_files(config)  # a missing listed file stops the sweep before stage one, not after
+        stage_one = _run_stage_one(config, db or config.db, train_overrides, launcher, progress, log)
+        specs = [spec for spec in config.feature_specs() if Path(spec.path).is_file()]
+    start = time.perf_counter()  # of stage two
+    plan = plan_sweep(config, db=db, train_overrides=train_overrides, specs=specs)
     total = len(plan.cells)
     bar = None
     if progress:
@@ -79,7 +111,7 @@ def run_sweep(
     store = ResultStore(plan.db)
     writer = _CellWriter(plan, store, bar=bar, on_result=on_result)
     try:
-        for spec in config.features:
+        for spec in config.features if specs is None else specs:
             pending = [planned for planned in plan.pending if planned.spec.path == spec.path]
             if pending:
                 writer.run_feature_file(spec, pending, fuse=fuse)
@@ -91,8 +123,50 @@ def run_sweep(
             bar.close()
         store.close()
     return SweepSummary(
-        db=plan.db, total=total, skipped=len(plan.finished), ran=writer.ran, seconds=time.perf_counter() - start
+        db=plan.db, total=total, skipped=len(plan.finished), ran=writer.ran, seconds=time.perf_counter() - start,
+        stage_one=stage_one,
     )
+
+
+def _run_stage_one(
+    config: SweepConfig, db: str, train_overrides: Optional[Mapping[str, Any]], launcher: Optional[Launcher],
+    progress: bool, log: Log,
+) -> StageOneSummary:
+    """Stage one on the sweep's device; Ctrl-C becomes :class:`SweepInterrupted`."""
+    device = (train_overrides or {}).get("device") or "auto"
+    try:
+        return run_stage_one(config, db=db, device=device, launcher=launcher, progress=progress, log=log)
+    except KeyboardInterrupt:
+        plan = plan_stage_one(config, db=db)
+        raise SweepInterrupted(len(plan.recorded), len(plan.runs), db, what="stage-one runs",
+                               resumes="; the run in flight resumes from its last epoch") from None
+
+
+def describe_plan(
+    config: SweepConfig, *, db: Optional[str] = None, train_overrides: Optional[Mapping[str, Any]] = None
+) -> List[str]:
+    """What ``decouple sweep --dry-run`` prints: the stage-one runs to make and
+    the cells to run, each with how many are done; nothing is run or written."""
+    db_path = db or config.db
+    lines: List[str] = []
+    made_specs = None
+    unmade: List[PlannedCell] = []
+    if config.stage_one is not None:
+        stage_one = plan_stage_one(config, db=db_path)
+        done = len(stage_one.recorded) + len(stage_one.unrecorded)
+        lines.append(f"stage one: {len(stage_one.runs)} runs: {done} already made, {len(stage_one.pending)} to run "
+                     f"(data {config.stage_one.data}, features in {config.stage_one.features_dir})")
+        lines += [f"  {run.label}" for run in stage_one.pending]
+        check_feature_files(config)
+        pending_paths = {run.spec.path for run in stage_one.pending}
+        made_specs = [spec for spec in config.feature_specs() if spec.path not in pending_paths]
+        unmade = unkeyed_cells(config, [run.spec for run in stage_one.pending])
+    plan = plan_sweep(config, db=db, train_overrides=train_overrides, specs=made_specs)
+    later = f" ({len(unmade)} on feature files stage one will make)" if unmade else ""
+    lines.append(f"{len(plan.cells) + len(unmade)} cells: {len(plan.finished)} already in {plan.db}, "
+                 f"{len(plan.pending) + len(unmade)} to run{later}")
+    lines += [f"  {planned.label}" for planned in plan.pending + unmade]
+    return lines
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ Schema (version 2)::
         train          TEXT NOT NULL,              -- JSON: the TrainConfig used
         class_names    TEXT NOT NULL,              -- JSON list (C,)
         train_counts   TEXT NOT NULL,              -- JSON list (C,): training images per class
+                                                   -- (shot groups: params.shot_groups.reference_counts
+                                                   -- where the feature file had them)
         versions       TEXT NOT NULL,              -- JSON: python and package versions
         fit_seconds    REAL NOT NULL,
         wall_seconds   REAL,                       -- wall time of the fused pass that produced it
@@ -50,6 +52,13 @@ cells keep no predictions.
 A cell and its metric rows are written in one transaction, so a crash or
 Ctrl-C never leaves a cell half-written; a rerun finds it either whole or
 absent. Readers open the file read-only and never create it.
+
+Stage-one runs of a sweep (``stage_one:``) have a table of their own,
+``stage_one_runs`` (the columns of :class:`RunRecord`: run_key, the feature
+file and its sha256, backbone, loss, sampler, profile, the settings and the
+fine-tuning history as JSON, timings; a run made again replaces its row).
+It is created the first time a run is recorded, without a new schema version: a database without it simply
+holds no runs, and older versions of decouple read the rest as before.
 """
 
 from __future__ import annotations
@@ -130,6 +139,27 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 """
 _SCHEMA = _BASE_TABLES + _PREDICTION_TABLES
+# Made on the first recorded stage-one run (see the module docstring).
+_RUN_TABLE = """
+CREATE TABLE IF NOT EXISTS stage_one_runs (
+    run_key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    features TEXT NOT NULL,
+    features_sha256 TEXT NOT NULL,
+    backbone TEXT NOT NULL,
+    loss TEXT NOT NULL,
+    sampler TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    history TEXT NOT NULL,
+    seconds REAL,
+    embed_images INTEGER,
+    embed_seconds REAL,
+    world_size INTEGER,
+    versions TEXT NOT NULL,
+    finished_at TEXT NOT NULL
+)
+"""
 
 PathLike = Union[str, "Path"]
 #: (rule, many_threshold, few_threshold) of a cell's shot groups.
@@ -179,11 +209,20 @@ class CellRecord:
             return rule, None, None
         return rule, int(train.get("many_threshold", MANY_THRESHOLD)), int(train.get("few_threshold", FEW_THRESHOLD))
 
+    @property
+    def group_counts(self) -> List[int]:
+        """The counts (C,) the cell's shot groups came from: the reference profile's
+        (recorded in ``params["shot_groups"]`` where the feature file had them), else
+        its training counts."""
+        reference = (self.params or {}).get("shot_groups", {}).get("reference_counts")
+        return self.train_counts if reference is None else reference
+
     def shot_groups(self) -> Dict[str, Any]:
-        """The cell's many / medium / few class indices (:func:`decouple.metrics.shot_groups`)."""
+        """The cell's many / medium / few class indices (:func:`decouple.metrics.shot_groups`
+        of :attr:`group_counts`)."""
         rule, many, few = self.shot_rule()
         thresholds = {} if many is None else {"many_threshold": many, "few_threshold": few}
-        return shot_groups(self.train_counts, rule=rule, **thresholds)
+        return shot_groups(self.group_counts, rule=rule, **thresholds)
 
     @property
     def method(self) -> Dict[str, Any]:
@@ -284,6 +323,38 @@ def _metric_row(cell_id: int, split: str, values: Mapping[str, Any]) -> Tuple[An
         _dumps([_scalar(value) for value in values.get("per_class", [])]),
         _dumps(extra),
     )
+
+
+@dataclass
+class RunRecord:
+    """One stage-one run of a sweep as stored: what it made, how, and how fast.
+
+    ``settings``: the run's settings and the feature file's resolved extract
+    config; ``history``: its fine-tuning epochs (loss, images/s, lr, seconds).
+    ``seconds`` (the whole run), ``embed_images`` and ``embed_seconds`` (the
+    embedding of every split) are None for a file found made, not run now.
+    """
+
+    run_key: str
+    name: str
+    features: str
+    features_sha256: str
+    backbone: str
+    loss: str
+    sampler: str
+    profile: str
+    settings: Dict[str, Any]
+    history: List[Dict[str, Any]]
+    seconds: Optional[float] = None
+    embed_images: Optional[int] = None
+    embed_seconds: Optional[float] = None
+    world_size: Optional[int] = None
+    versions: Dict[str, str] = field(default_factory=dict)
+    finished_at: str = ""
+
+
+_RUN_COLUMNS = tuple(RunRecord.__dataclass_fields__)
+_RUN_JSON_COLUMNS = ("settings", "history", "versions")
 
 
 class ResultStore:
@@ -535,6 +606,42 @@ class ResultStore:
             true = labels[key]
             top = unpack(row["top"], row["top_dtype"], (len(true), row["k"]))
             yield row["cell_id"], row["split"], SplitPredictions(true, top, int(row["num_classes"]))
+
+    # -- stage-one runs ----------------------------------------------------------
+
+    def insert_run(self, record: RunRecord) -> bool:
+        """Record one stage-one run; False (nothing written) when its run_key is
+        stored with the same feature file sha256. A run whose file was made
+        again (another sha256) replaces its record: settings, history, timings."""
+        if self.readonly:
+            raise DecoupleError(f"{self.path}: opened read-only")
+        # A diverged epoch's NaN loss is history, not a bug: stored as null.
+        values = [json.dumps(jsonable(getattr(record, name)), sort_keys=True) if name in _RUN_JSON_COLUMNS
+                  else getattr(record, name) for name in _RUN_COLUMNS]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")  # the check and the write see one state of the table
+            self._conn.execute(_RUN_TABLE)
+            stored = self._conn.execute(
+                "SELECT features_sha256 FROM stage_one_runs WHERE run_key = ?", (record.run_key,)
+            ).fetchone()
+            if stored is not None and stored[0] == record.features_sha256:
+                return False
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO stage_one_runs ({', '.join(_RUN_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_RUN_COLUMNS))})", values,
+            )
+        return True
+
+    def runs(self) -> List[RunRecord]:
+        """Every recorded stage-one run, oldest first; none in a database without the table."""
+        if not self._has_table("stage_one_runs"):
+            return []
+        rows = self._conn.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM stage_one_runs ORDER BY rowid")
+        return [
+            RunRecord(**{name: json.loads(value) if name in _RUN_JSON_COLUMNS else value
+                         for name, value in zip(_RUN_COLUMNS, row)})
+            for row in rows
+        ]
 
 
 def _cells_condition(
