@@ -92,15 +92,15 @@ def _parse_steps(value: Optional[str]) -> Tuple[int, ...]:
 @click.option("--sampler", default="instance", show_default=True, help="A stage-two sampler (decouple list).")
 @click.option("--sampler-param", multiple=True, metavar="KEY=VALUE", help="A sampler parameter, repeatable.")
 @click.option("--workers", type=int, default=None, help="Loader processes (default 0 on CPU, up to 8 per GPU).")
-@click.option("--cache-images", type=click.Choice(["auto", "off", "memory", "disk", "device"]), default="auto",
+@click.option("--cache-images", type=click.Choice(["off", "auto", "memory", "disk", "device"]), default="off",
               show_default=True,
-              help="Decode and resize every training image once, to uint8 in RAM (memory), in a file beside the "
-                   "checkpoint that a rerun reuses (disk) or in the training device's memory (device), and augment "
-                   "whole batches there (pad-and-crop or random-resized crop, flip, colour jitter, normalise) "
-                   "instead of decoding every image every epoch (off). auto: for inputs of 64 px or less, memory "
-                   "when the images fit in a quarter of RAM, else disk; off above 64 px until a full run checks "
-                   "the cached random-resized crop. Another draw of the same augmentation, so not the same "
-                   "numbers as off.")
+              help="Decode and resize every training image once, to uint8 in RAM (memory), in a file in the "
+                   "features folder that reruns and runs on the same images reuse (disk) or in the training "
+                   "device's memory (device), and augment whole batches there (pad-and-crop or random-resized "
+                   "crop, flip, colour jitter, normalise) instead of decoding every image every epoch (off). "
+                   "auto: for inputs of 64 px or less, memory when the images fit in a quarter of RAM, else disk; "
+                   "off above. Another draw of the same augmentation, so not the same numbers as off; off by "
+                   "default until its accuracy is shown equal over several seeds (docs/benchmarks.md).")
 @click.option("--views", type=int, default=0, show_default=True,
               help="Also store K augmented embeddings per training image (/train/views).")
 @click.option("--dtype", default="float16", show_default=True, help="float16 or float32 features.")

@@ -142,11 +142,13 @@ class FinetuneConfig:
     workers: Optional[int] = None
     seed: int = 0
     progress: bool = True
-    #: Decoded training images kept once: "off", "auto" (for inputs of 64 px
-    #: or less: RAM when they fit in a quarter of it, else disk), "memory",
-    #: "disk" or "device"
-    #: (:mod:`decouple.stage_one.image_cache`); the augmentation then runs on batches.
-    cache_images: str = "auto"
+    #: Decoded training images kept once: "off" (the default until a
+    #: comparison over several stage-one seeds shows the cache trains as well
+    #: as the per-image pipeline; docs/benchmarks.md), "auto" (for inputs of
+    #: 64 px or less: RAM when they fit in a quarter of it, else disk),
+    #: "memory", "disk" or "device" (:mod:`decouple.stage_one.image_cache`);
+    #: the augmentation then runs on batches.
+    cache_images: str = "off"
 
     def resolved(self) -> "FinetuneConfig":
         """A copy with optimizer defaults and the loss's linear-family settings
