@@ -185,10 +185,10 @@ def read_features(
         backbone = str(attrs.pop("backbone", "unknown"))
         wanted = _ordered(handle)
         if splits is not None:
-            missing = [name for name in splits if name not in _ordered(handle)]
+            missing = [name for name in splits if name not in wanted]
             if missing:
                 raise FeatureFileError(
-                    f"{path}: no /{missing[0]} split; the file holds {', '.join(_ordered(handle))}"
+                    f"{path}: no /{missing[0]} split; the file holds {', '.join(wanted)}"
                 )
             wanted = _ordered(set(splits) | {"train"})
         loaded: Dict[str, Split] = {}

@@ -31,7 +31,6 @@ from decouple.study.runner import run_sweep
 from decouple.study.stage_one_runs import (
     TorchrunLauncher,
     extract_argv,
-    extract_config,
     plan_stage_one,
     run_in_process,
 )
@@ -282,7 +281,7 @@ def test_runs_are_named_and_keyed_by_their_settings(tmp_path):
     ]
     assert all(run.spec.backbone == "test_resnet" for run in runs)
     assert base.feature_specs()[: len(runs)] == tuple(run.spec for run in runs)
-    balanced = extract_config(base.stage_one, runs[0], "unpacked")
+    balanced = base.stage_one.extract_config(runs[0], "unpacked")
     assert balanced.split == SplitOptions(imbalance=100, n_max=8, val_per_class=2, seed=0, train_profile="balanced")
     assert balanced.resume and balanced.out == runs[0].spec.path and balanced.data == "unpacked"
     assert balanced.finetune.loss == "ce" and balanced.finetune.epochs == 1
@@ -298,7 +297,7 @@ def test_stage_one_params_reach_the_fine_tuning_loss(tmp_path):
     path = write_config(tmp_path, "data", extra="params:\n  focal: {gamma: 1.5}\n")
     path.write_text(path.read_text().replace("losses: [ce, balanced_softmax]", "losses: [focal]"))
     run = load_config(path).stage_one.runs()[0]
-    assert extract_config(load_config(path).stage_one, run, "d").finetune.loss_params == {"gamma": 1.5}
+    assert load_config(path).stage_one.extract_config(run, "d").finetune.loss_params == {"gamma": 1.5}
 
 
 def test_the_extract_command_line_gives_back_the_same_config(monkeypatch):

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Type, Union
 import numpy as np
 from PIL import Image
 
-from decouple.atomic import fsync_path, temporary_sibling
+from decouple.atomic import commit, temporary_sibling
 from decouple.errors import DataError, first_line
 from decouple.provenance import file_sha256
 from decouple.registry import Registry
@@ -337,8 +337,7 @@ def unpack_archive(path: PathLike, cache_root: PathLike) -> Path:
         try:
             with tarfile.open(path) as archive:
                 archive.extractall(tmp, **safe)
-            fsync_path(tmp)
-            os.replace(tmp, target)
+            commit(tmp, target)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if target.is_dir():  # another process unpacked the same archive meanwhile

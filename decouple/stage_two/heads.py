@@ -270,7 +270,18 @@ class ScaledLogitsFamily(WeightFamily):
 # ---------------------------------------------------------------------------
 
 
-class TrainableHead(Head):
+class AffineHead(Head):
+    """A head whose scores are one affine map of the features, ``X coef_^T +
+    intercept_`` (coef_ (C, D), intercept_ (C,)), and whose model is that map."""
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        return _as_float32(X) @ self.coef_.T + self.intercept_
+
+    def scorer(self) -> Scorer:
+        return LinearScorer(torch.from_numpy(self.coef_), torch.from_numpy(self.intercept_))
+
+
+class TrainableHead(AffineHead):
     """A head trained by the fused trainer of :mod:`decouple.stage_two.trainer`.
 
     A subclass declares what the trainer needs and nothing else:
@@ -431,12 +442,6 @@ class TrainableHead(Head):
         self.coef_ = coef
         self.intercept_ = intercept.astype(np.float32)
         self.classes_ = np.arange(coef.shape[0])
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        return _as_float32(X) @ self.coef_.T + self.intercept_
-
-    def scorer(self) -> Scorer:
-        return LinearScorer(torch.from_numpy(self.coef_), torch.from_numpy(self.intercept_))
 
     def selection_(self) -> Dict[str, Any]:
         return {"epoch": self.epoch_, "selected_on": self.selected_on_}
@@ -998,7 +1003,7 @@ class KNNHead(SearchHead):
 
 
 @register_head("finetuned")
-class FinetunedHead(Head):
+class FinetunedHead(AffineHead):
     """The fine-tuned network's own head: its linear classifier x W^T + b, trained end to end in stage one.
 
     The joint (end-to-end) baseline that Kang et al., "Decoupling
@@ -1061,12 +1066,6 @@ class FinetunedHead(Head):
         self.sampler_params_ = dict(classifier.sampler_params)
         self.epochs_, self.trained_ = int(classifier.epochs), bool(classifier.trained)
         return self
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        return _as_float32(X) @ self.coef_.T + self.intercept_
-
-    def scorer(self) -> Scorer:
-        return LinearScorer(torch.from_numpy(self.coef_), torch.from_numpy(self.intercept_))
 
     def selection_(self) -> Dict[str, Any]:
         """Nothing is chosen; records the stage-one run the classifier comes from."""

@@ -136,10 +136,9 @@ def plan_sweep(
         raise FeatureFileError(f"{unmade[0]}: no such feature file yet; `decouple sweep` makes it in stage one")
     train = config.train_config(**dict(train_overrides or {}))
     places = ConfigPlaces(config.source, dict(config.lines))
-    heads = {cell.head for _, cell in config.cells(specs)}
     for spec in specs:
         check_cells(places, config, class_counts=read_train_counts(spec.path), features=spec.path, train=train)
-        for head in sorted(heads):
+        for head in config.heads:
             HEADS.get(head).check_file(spec.path)
     db_path = db or config.db
     hashes = {spec.path: file_sha256(spec.path) for spec in specs}

@@ -157,7 +157,6 @@ def describe_plan(
         lines.append(f"stage one: {len(stage_one.runs)} runs: {done} already made, {len(stage_one.pending)} to run "
                      f"(data {config.stage_one.data}, features in {config.stage_one.features_dir})")
         lines += [f"  {run.label}" for run in stage_one.pending]
-        check_feature_files(config)
         pending_paths = {run.spec.path for run in stage_one.pending}
         made_specs = [spec for spec in config.feature_specs() if spec.path not in pending_paths]
         unmade = unkeyed_cells(config, [run.spec for run in stage_one.pending])

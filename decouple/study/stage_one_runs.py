@@ -172,14 +172,6 @@ def check_data(config: SweepConfig, source: SourceData, places: ConfigPlaces) ->
 # --------------------------------------------------------------------------- launching
 
 
-def extract_config(
-    stage_one: StageOneConfig, run: StageOneRun, data: str, *, device: str = "auto", progress: bool = False
-) -> ExtractConfig:
-    """The :class:`ExtractConfig` of one run (:meth:`StageOneConfig.extract_config`,
-    which the config's checks built too): resumable, writing its feature file."""
-    return stage_one.extract_config(run, data, device=device, progress=progress)
-
-
 def run_in_process(config: ExtractConfig, log: Log) -> ExtractResult:
     """One run in this process (one device)."""
     return run_extract(config, log=log)
@@ -343,7 +335,7 @@ def run_stage_one(
             log(f"stage one, run {index} of {len(plan.pending)}: {run.label}")
             timeline = _Timeline(log)
             try:
-                result = launch(extract_config(stage_one, run, data, device=device, progress=progress), timeline)
+                result = launch(stage_one.extract_config(run, data, device=device, progress=progress), timeline)
             except Exception as exc:  # reported; the other runs go on
                 reason = first_line(exc)
                 if not isinstance(exc, DecoupleError):
